@@ -1,0 +1,114 @@
+"""Checks shared by the public entry points; each raises a message that names the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_finite",
+    "check_labels",
+    "check_option",
+    "check_positive",
+    "check_probability",
+    "check_tensor",
+]
+
+
+def check_option(name: str, value: Any, allowed: Collection[Any]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise unless ``value`` is a finite number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}.")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+
+
+def check_probability(name: str, value: float | Tensor, *, closed_right: bool = False) -> None:
+    """Raise unless every entry of ``value`` lies in ``[0, 1)`` (``[0, 1]`` if closed_right)."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point() is False:
+            raise TypeError(f"{name} must be a float or a floating tensor; got {value.dtype}.")
+        lo, hi = float(value.min()), float(value.max())
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}.")
+    else:
+        lo = hi = float(value)
+    upper_ok = hi <= 1.0 if closed_right else hi < 1.0
+    if not (lo >= 0.0 and upper_ok):
+        bound = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"{name} must lie in {bound}; got values in [{lo}, {hi}].")
+
+
+def check_tensor(
+    name: str,
+    value: Any,
+    *,
+    ndim: int,
+    layout: str,
+    floating: bool | None = None,
+) -> Tensor:
+    """Check that ``value`` is a tensor with ``ndim`` dims (and float/int dtype if asked)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape {layout}; got {type(value).__name__}."
+        )
+    if value.ndim != ndim:
+        raise ValueError(
+            f"{name} must have shape {layout} ({ndim} dims); got shape {tuple(value.shape)}."
+        )
+    if floating is True and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {value.dtype}.")
+    if floating is False and (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    ):
+        raise TypeError(f"{name} must be an integer tensor (int64); got dtype {value.dtype}.")
+    return value
+
+
+def check_finite(name: str, value: Tensor) -> None:
+    """Raise ``ValueError`` if ``value`` holds NaN or Inf, saying how many and where the first is.
+
+    The fast path is a single reduction; the element-wise scan runs only when it fails.
+    """
+    with torch.no_grad():
+        if bool(torch.isfinite(value.sum(dtype=torch.float64))):
+            return
+        bad = ~torch.isfinite(value)
+        count = int(bad.sum())
+        if count == 0:  # the float64 sum overflowed although every entry is finite
+            return
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        kinds = []
+        if bool(torch.isnan(value).any()):
+            kinds.append("NaN")
+        if bool(torch.isinf(value).any()):
+            kinds.append("Inf")
+    raise ValueError(
+        f"{name} contains {count} non-finite value(s) ({'/'.join(kinds)}), the first at index "
+        f"{first}; check the network for divergence (learning rate, AMP overflow)."
+    )
+
+
+def check_labels(name: str, labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ``ValueError`` if a label is neither in ``[0, num_classes)`` nor ``ignore_index``."""
+    with torch.no_grad():
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+        if not bool(bad.any()):
+            return
+        values = torch.unique(labels[bad])
+    shown = ", ".join(str(int(v)) for v in values[:10])
+    more = "" if values.numel() <= 10 else f" (and {values.numel() - 10} more)"
+    raise ValueError(
+        f"{name} holds values outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
+        f"{shown}{more}. Map unlabelled pixels to ignore_index or fix num_classes."
+    )

@@ -1,0 +1,37 @@
+"""Process-group helpers: an autograd-aware sum that is a no-op without torch.distributed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_reduce_sum", "world_size"]
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of processes in ``group``; 1 when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
+def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Sum ``tensor`` over the process group, keeping the autograd graph.
+
+    The backward pass sums the incoming gradients over the processes, so each process's
+    contribution receives the gradient of every process's loss. Returns ``tensor`` itself
+    on a single process or without a process group.
+    """
+    if world_size(group) == 1:
+        return tensor
+    if tensor.requires_grad:
+        import torch.distributed.nn.functional as dist_fn
+
+        kwargs = {} if group is None else {"group": group}
+        reduced: Tensor = dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM, **kwargs)
+        return reduced
+    out = tensor.clone()
+    with torch.no_grad():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out

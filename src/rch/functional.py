@@ -1,0 +1,326 @@
+"""The RCH loss as one stateless function: check inputs -> pixel sets -> EMA step -> margin loss.
+
+See ``RCH_SPEC.md`` sections 3 (``formulation="paper"``) and 4 (``formulation="official"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import (
+    check_finite,
+    check_labels,
+    check_option,
+    check_positive,
+    check_probability,
+    check_tensor,
+)
+from .distributed import all_reduce_sum
+from .loss import Formulation, calibration_terms, margin_logits, unit
+from .prototypes import ema_update
+from .stats import (
+    PixelSets,
+    class_stats,
+    flatten_pixels,
+    pixel_sets,
+    resize_labels,
+    resize_logits,
+    segment_sum,
+)
+
+__all__ = ["PrototypeSource", "RCHLossOutput", "rch_loss"]
+
+PrototypeSource = Literal["tp", "gt"]
+
+FORMULATIONS: tuple[Formulation, ...] = ("paper", "official")
+PROTOTYPE_SOURCES: tuple[PrototypeSource, ...] = ("tp", "gt")
+
+
+@dataclass(frozen=True)
+class RCHLossOutput:
+    """What :func:`rch_loss` returns.
+
+    Attributes:
+        loss: scalar, ``loss_fn + loss_fp`` (not yet weighted by lambda).
+        loss_fn: scalar cross-entropy of the logits with the FN-compensation margin.
+        loss_fp: scalar cross-entropy of the logits with the FP-penalty margin.
+        prototypes: ``(K, D)`` prototypes after this step's EMA update; the rows of updated
+            classes carry the gradient of the current batch's mean embedding.
+        updated: ``(K,)`` bool, classes whose prototype moved this step.
+        tp_count: ``(K,)`` int64 true-positive pixels of this process's batch, counted at the
+            embedding resolution; ``fn_count`` and ``fp_count`` likewise.
+    """
+
+    loss: Tensor
+    loss_fn: Tensor
+    loss_fp: Tensor
+    prototypes: Tensor
+    updated: Tensor
+    tp_count: Tensor
+    fn_count: Tensor
+    fp_count: Tensor
+
+
+def _validate(
+    embeddings: Tensor,
+    seg_logits: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    formulation: str,
+    tau: float,
+    momentum: float | Tensor,
+    alpha: float | None,
+    ignore_index: int,
+    prototype_source: str,
+) -> None:
+    check_option("formulation", formulation, FORMULATIONS)
+    check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
+    check_positive("tau", tau)
+    if alpha is not None:
+        check_positive("alpha", alpha)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}.")
+    check_tensor("embeddings", embeddings, ndim=4, layout="(B, D, h, w)", floating=True)
+    check_tensor("seg_logits", seg_logits, ndim=4, layout="(B, K, h', w')", floating=True)
+    check_tensor("labels", labels, ndim=3, layout="(B, H, W)", floating=False)
+    check_tensor("prototypes", prototypes, ndim=2, layout="(K, D)", floating=True)
+    b, d = embeddings.shape[:2]
+    k = prototypes.shape[0]
+    if seg_logits.shape[0] != b or labels.shape[0] != b:
+        raise ValueError(
+            f"batch sizes differ: embeddings {b}, seg_logits {seg_logits.shape[0]}, "
+            f"labels {labels.shape[0]}."
+        )
+    if seg_logits.shape[1] != k:
+        raise ValueError(
+            f"seg_logits has {seg_logits.shape[1]} classes (shape {tuple(seg_logits.shape)}) "
+            f"but prototypes has {k} (shape {tuple(prototypes.shape)}); they must match."
+        )
+    if prototypes.shape[1] != d:
+        raise ValueError(
+            f"prototypes have width {prototypes.shape[1]} but embeddings have D={d} channels "
+            f"(shape {tuple(embeddings.shape)})."
+        )
+    if isinstance(momentum, Tensor) and momentum.shape != (k,):
+        raise ValueError(f"momentum tensor must have shape ({k},); got {tuple(momentum.shape)}.")
+    check_probability("momentum", momentum)
+    check_labels("labels", labels, k, ignore_index)
+    check_finite("embeddings", embeddings)
+    check_finite("seg_logits", seg_logits)
+    check_finite("prototypes", prototypes)
+
+
+def _mean_ce(logits: Tensor, sets: PixelSets) -> Tensor:
+    """Cross-entropy averaged over valid pixels; a zero that still backpropagates if none."""
+    if not bool(sets.valid.any()):
+        return logits.sum() * 0.0
+    target = torch.where(sets.valid, sets.label, torch.full_like(sets.label, -100))
+    return F.cross_entropy(logits, target, ignore_index=-100)
+
+
+def _mean_ce_at_labels(
+    logits: Tensor, shape: tuple[int, int, int], labels: Tensor, ignore: int
+) -> Tensor:
+    """Reference-code loss: resize the logit map to the label resolution, then pixel-mean CE."""
+    b, h, w = shape
+    maps = logits.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    maps = resize_logits(maps, (labels.shape[1], labels.shape[2]))
+    if not bool((labels != ignore).any()):
+        return maps.sum() * 0.0
+    return F.cross_entropy(maps, labels, ignore_index=ignore)
+
+
+def _update_prototypes(
+    rows: Tensor,
+    sets: PixelSets,
+    prototypes: Tensor,
+    momentum: float | Tensor,
+    source: PrototypeSource,
+    group: dist.ProcessGroup | None,
+) -> tuple[Tensor, Tensor]:
+    """Per-class sums over TP (or all labelled) pixels, summed over processes, then one EMA."""
+    k, d = prototypes.shape
+    members = sets.correct if source == "tp" else sets.valid
+    index = torch.where(members, sets.label, k)
+    sums, counts = segment_sum(rows, index, k)
+    pooled = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1).to(sums.dtype)], 1), group)
+    counts = pooled[:, d].detach().round().to(torch.int64)
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(rows.device)
+    return ema_update(prototypes, pooled[:, :d], counts, momentum), counts > 0
+
+
+def rch_loss(
+    embeddings: Tensor,
+    seg_logits: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    *,
+    formulation: Formulation = "paper",
+    tau: float = 0.5,
+    momentum: float | Tensor = 0.9,
+    alpha: float | None = None,
+    ignore_index: int = 255,
+    fn_term: bool = True,
+    fp_term: bool = True,
+    prototype_source: PrototypeSource = "tp",
+    update_prototypes: bool = True,
+    process_group: dist.ProcessGroup | None = None,
+) -> RCHLossOutput:
+    """Representation-calibration loss of one training step (paper eq. 3-8).
+
+    Labels are resized to the embedding resolution by nearest neighbour and the (detached)
+    segmentation logits bilinearly; pixels are split into TP / FN / FP per class; the
+    prototypes take one EMA step from this batch's TP embeddings (summed over all processes
+    when torch.distributed is initialised); the loss is the sum of two prototype
+    cross-entropies whose true-class logit is lowered by ``(1 - p) * phi`` (FN compensation)
+    and ``(1 - p) * psi`` (FP penalty).
+
+    Args:
+        embeddings: ``(B, D, h, w)`` RCH embeddings (the projected features).
+        seg_logits: ``(B, K, h', w')`` segmentation logits; used detached, only for the
+            prediction and the true-class probability ``p``.
+        labels: ``(B, H, W)`` integer labels; ``ignore_index`` marks unlabelled pixels.
+        prototypes: ``(K, D)`` class prototypes before this step.
+        formulation: ``"paper"`` (spec section 3: per-image FN/FP means of unit embeddings,
+            loss at the embedding resolution) or ``"official"`` (section 4: the authors'
+            code: batch-pooled raw FN/FP centres gated per image, margin scaled by
+            ``alpha / tau``, loss at the label resolution).
+        tau: temperature of the prototype softmax.
+        momentum: EMA momentum ``rho``; a float or a ``(K,)`` tensor of per-class values.
+        alpha: margin scale of the official formulation (config key ``alp``); ``None``
+            means ``alpha = tau``. Must be ``None`` or equal to ``tau`` for ``"paper"``.
+        ignore_index: label value of unlabelled pixels.
+        fn_term: add the FN-compensation margin (paper Table 1).
+        fp_term: add the FP-penalty margin (paper Table 1).
+        prototype_source: ``"tp"`` (paper) or ``"gt"`` (all labelled pixels, Table 1).
+        update_prototypes: take the EMA step; ``False`` uses ``prototypes`` as given (eval
+            mode, or learned prototypes that the loss trains).
+        process_group: group for the prototype all-reduce; ``None`` is the default group.
+
+    Returns:
+        An :class:`RCHLossOutput`.
+
+    Raises:
+        TypeError: an argument has the wrong type or dtype.
+        ValueError: shapes disagree, a label is out of range, an input holds NaN/Inf, or an
+            option is unknown.
+
+    Shape:
+        - embeddings: ``(B, D, h, w)``; seg_logits: ``(B, K, h', w')``; labels:
+          ``(B, H, W)``; prototypes: ``(K, D)``.
+        - Output: scalar losses; prototypes ``(K, D)``; counts ``(K,)``.
+
+    Example:
+        >>> import torch
+        >>> from rch.functional import rch_loss
+        >>> g = torch.Generator().manual_seed(0)
+        >>> emb = torch.randn(2, 8, 4, 4, generator=g, requires_grad=True)
+        >>> logits = torch.randn(2, 3, 4, 4, generator=g)
+        >>> labels = torch.randint(0, 3, (2, 8, 8), generator=g)
+        >>> out = rch_loss(emb, logits, labels, torch.randn(3, 8, generator=g))
+        >>> out.loss.backward()
+        >>> round(out.loss.item(), 4), out.prototypes.shape, bool(emb.grad.abs().sum() > 0)
+        (3.53, torch.Size([3, 8]), True)
+    """
+    _validate(
+        embeddings,
+        seg_logits,
+        labels,
+        prototypes,
+        formulation,
+        tau,
+        momentum,
+        alpha,
+        ignore_index,
+        prototype_source,
+    )
+    if formulation == "paper" and alpha is not None and alpha != tau:
+        raise ValueError(
+            f"alpha={alpha} only applies to formulation='official'; the paper's margin scale "
+            f"is fixed (alpha = tau = {tau}). Leave alpha=None."
+        )
+    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return _rch_loss(
+            embeddings.to(dtype),
+            seg_logits.detach().to(dtype),
+            labels.to(torch.int64),
+            prototypes.to(dtype),
+            formulation=formulation,
+            tau=tau,
+            momentum=momentum,
+            scale=1.0 if alpha is None else alpha / tau,
+            ignore_index=ignore_index,
+            fn_term=fn_term,
+            fp_term=fp_term,
+            source=prototype_source,
+            update=update_prototypes,
+            group=process_group,
+        )
+
+
+def _rch_loss(
+    embeddings: Tensor,
+    seg_logits: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    *,
+    formulation: Formulation,
+    tau: float,
+    momentum: float | Tensor,
+    scale: float,
+    ignore_index: int,
+    fn_term: bool,
+    fp_term: bool,
+    source: PrototypeSource,
+    update: bool,
+    group: dist.ProcessGroup | None,
+) -> RCHLossOutput:
+    b, _, h, w = embeddings.shape
+    k = prototypes.shape[0]
+    small_labels = resize_labels(labels, (h, w))
+    logits = resize_logits(seg_logits, (h, w))
+    sets = pixel_sets(small_labels, logits.argmax(1), k, ignore_index)
+    target = sets.label.clamp_max(k - 1)  # any class for ignored pixels: their margin is 0
+    p_true = logits.softmax(1).gather(1, target.view(b, 1, h, w)).reshape(-1)
+    rows = flatten_pixels(embeddings)
+    units = unit(rows)
+    if update:
+        prototypes, updated = _update_prototypes(rows, sets, prototypes, momentum, source, group)
+    else:
+        updated = torch.zeros(k, dtype=torch.bool, device=prototypes.device)
+    phi, psi = calibration_terms(
+        rows,
+        units,
+        sets,
+        num_images=b,
+        num_classes=k,
+        formulation=formulation,
+        fn_term=fn_term,
+        fp_term=fp_term,
+    )
+    cosines = units @ unit(prototypes).T
+    weight = (1.0 - p_true) * scale
+    losses: list[Tensor] = []
+    for term in (phi, psi):
+        if term is None and losses and fn_term is fp_term:  # both plain: same logits
+            losses.append(losses[0])
+            continue
+        z = margin_logits(cosines, target, None if term is None else weight * term, tau)
+        if formulation == "paper":
+            losses.append(_mean_ce(z, sets))
+        else:
+            losses.append(_mean_ce_at_labels(z, (b, h, w), labels, ignore_index))
+    codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
+    confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
+    tp, fn, fp = class_stats(confusion)
+    return RCHLossOutput(
+        losses[0] + losses[1], losses[0], losses[1], prototypes, updated, tp, fn, fp
+    )

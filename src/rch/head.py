@@ -1,0 +1,221 @@
+"""RCHHead: the training-only module that owns the projection and the prototype state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._validation import check_option, check_positive, check_probability, check_tensor
+from .errors import RCHError
+from .functional import PROTOTYPE_SOURCES, PrototypeSource, RCHLossOutput, rch_loss
+from .loss import Formulation
+
+__all__ = ["PrototypeInit", "PrototypeMode", "RCHHead", "RCHHeadOutput"]
+
+PrototypeMode = Literal["ema", "learned"]
+PrototypeInit = Literal["randn", "first"]
+
+
+@dataclass(frozen=True)
+class RCHHeadOutput:
+    """What :class:`RCHHead` returns.
+
+    Attributes:
+        loss: scalar to add to the segmentation loss: ``loss_weight * (loss_fn + loss_fp)``;
+            an exact zero (still attached to the graph) while warming up.
+        loss_fn: unweighted FN-compensation cross-entropy (0 while warming up).
+        loss_fp: unweighted FP-penalty cross-entropy (0 while warming up).
+        active: ``False`` during the warm-up steps.
+        details: the full :class:`~rch.functional.RCHLossOutput`, ``None`` while warming up.
+    """
+
+    loss: Tensor
+    loss_fn: Tensor
+    loss_fp: Tensor
+    active: bool
+    details: RCHLossOutput | None
+
+
+class RCHHead(nn.Module):
+    """Representation Calibration Head (training only).
+
+    Projects features ``F`` with a 1x1 convolution and BatchNorm (no activation) to
+    embeddings, keeps one prototype per class and returns the weighted RCH loss. All state
+    (prototypes, step counter, per-class "initialised" flags) is in the ``state_dict``.
+
+    Args:
+        in_channels: channels of the feature ``F``.
+        num_classes: ``K``.
+        embed_dim: embedding width ``D``.
+        formulation: ``"paper"`` or ``"official"`` (see :func:`rch.functional.rch_loss`).
+        tau: temperature.
+        momentum: EMA momentum ``rho``.
+        alpha: margin scale of the official formulation (``None``: ``alpha = tau``).
+        loss_weight: ``lambda``, the weight of the RCH loss.
+        ignore_index: label value of unlabelled pixels.
+        fn_term: use the FN-compensation margin.
+        fp_term: use the FP-penalty margin.
+        prototype_source: ``"tp"`` or ``"gt"`` pixels feed the EMA.
+        prototypes: ``"ema"`` (paper) or ``"learned"`` (an ``nn.Parameter`` trained by the
+            loss; paper Table 1, row "learned").
+        prototype_init: ``"randn"`` (standard normal, as the reference code) or ``"first"``
+            (a class's first batch mean replaces its prototype outright).
+        warmup_iters: training steps with RCH off at the start (the loss is 0).
+        process_group: group over which prototype statistics are summed.
+
+    Shape:
+        - features: ``(B, C_in, h, w)``; seg_logits: ``(B, K, h', w')``; labels: ``(B, H, W)``.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> head = RCHHead(in_channels=16, num_classes=3, embed_dim=8)
+        >>> feats, logits = torch.randn(2, 16, 4, 4), torch.randn(2, 3, 4, 4)
+        >>> out = head(feats, logits, torch.randint(0, 3, (2, 8, 8)))
+        >>> out.loss.shape, int(head.step), out.active
+        (torch.Size([]), 1, True)
+    """
+
+    prototypes: Tensor
+    step: Tensor
+    initialized: Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        embed_dim: int = 256,
+        *,
+        formulation: Formulation = "paper",
+        tau: float = 0.5,
+        momentum: float = 0.9,
+        alpha: float | None = None,
+        loss_weight: float = 0.1,
+        ignore_index: int = 255,
+        fn_term: bool = True,
+        fp_term: bool = True,
+        prototype_source: PrototypeSource = "tp",
+        prototypes: PrototypeMode = "ema",
+        prototype_init: PrototypeInit = "randn",
+        warmup_iters: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("embed_dim", embed_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}.")
+        check_option("formulation", formulation, ("paper", "official"))
+        check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
+        check_option("prototypes", prototypes, ("ema", "learned"))
+        check_option("prototype_init", prototype_init, ("randn", "first"))
+        check_positive("tau", tau)
+        check_probability("momentum", momentum)
+        if alpha is not None:
+            check_positive("alpha", alpha)
+        if (
+            isinstance(loss_weight, bool)
+            or not isinstance(loss_weight, (int, float))
+            or loss_weight < 0
+        ):
+            raise ValueError(f"loss_weight must be a number >= 0; got {loss_weight!r}.")
+        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be an int >= 0; got {warmup_iters!r}.")
+        if prototypes == "learned" and prototype_init == "first":
+            raise ValueError("prototype_init='first' needs prototypes='ema'.")
+        self.in_channels, self.num_classes, self.embed_dim = in_channels, num_classes, embed_dim
+        self.formulation, self.tau, self.momentum, self.alpha = formulation, tau, momentum, alpha
+        self.loss_weight, self.ignore_index = float(loss_weight), ignore_index
+        self.fn_term, self.fp_term = fn_term, fp_term
+        self.prototype_source, self.prototype_mode = prototype_source, prototypes
+        self.prototype_init, self.warmup_iters = prototype_init, warmup_iters
+        self.process_group = process_group
+        self.projection = nn.Sequential(
+            nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
+            nn.BatchNorm2d(embed_dim),
+        )
+        init = torch.randn(num_classes, embed_dim)
+        if prototype_init == "first":
+            init.zero_()
+        if prototypes == "learned":
+            self.prototypes = nn.Parameter(init)
+        else:
+            self.register_buffer("prototypes", init)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer(
+            "initialized", torch.full((num_classes,), prototype_init == "randn", dtype=torch.bool)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, "
+            f"formulation={self.formulation!r}, tau={self.tau}, momentum={self.momentum}, "
+            f"loss_weight={self.loss_weight}, prototypes={self.prototype_mode!r}, "
+            f"warmup_iters={self.warmup_iters}"
+        )
+
+    @property
+    def warming_up(self) -> bool:
+        """True while the step counter is below ``warmup_iters``."""
+        return int(self.step) < self.warmup_iters
+
+    def embed(self, features: Tensor) -> Tensor:
+        """Project ``(B, C_in, h, w)`` features to ``(B, D, h, w)`` embeddings."""
+        check_tensor("features", features, ndim=4, layout="(B, C_in, h, w)", floating=True)
+        if features.shape[1] != self.in_channels:
+            raise ValueError(
+                f"features have {features.shape[1]} channels (shape {tuple(features.shape)}) "
+                f"but this RCHHead was built with in_channels={self.in_channels}."
+            )
+        out: Tensor = self.projection(features)
+        return out
+
+    def _momentum(self) -> float | Tensor:
+        if self.prototype_init == "first":
+            return torch.where(self.initialized, self.momentum, 0.0).to(self.prototypes.dtype)
+        return self.momentum
+
+    def forward(self, features: Tensor, seg_logits: Tensor, labels: Tensor) -> RCHHeadOutput:
+        """Embed ``features`` and return the weighted RCH loss; in training mode also update
+        the prototypes and advance the step counter."""
+        embeddings = self.embed(features)
+        if self.training and self.warming_up:
+            self.step += 1
+            zero = embeddings.sum() * 0.0
+            return RCHHeadOutput(zero, zero.detach(), zero.detach(), False, None)
+        if not self.training and not bool(self.initialized.any()):
+            raise RCHError(
+                "RCHHead has no prototype yet (prototype_init='first' and no training step "
+                "has seen a true-positive pixel); train it before evaluating its loss."
+            )
+        update = self.training and self.prototype_mode == "ema"
+        out = rch_loss(
+            embeddings,
+            seg_logits,
+            labels,
+            self.prototypes,
+            formulation=self.formulation,
+            tau=self.tau,
+            momentum=self._momentum(),
+            alpha=self.alpha,
+            ignore_index=self.ignore_index,
+            fn_term=self.fn_term,
+            fp_term=self.fp_term,
+            prototype_source=self.prototype_source,
+            update_prototypes=update,
+            process_group=self.process_group,
+        )
+        if self.training:
+            if update:
+                with torch.no_grad():
+                    self.prototypes.copy_(out.prototypes.detach())
+                    self.initialized |= out.updated
+            self.step += 1
+        return RCHHeadOutput(self.loss_weight * out.loss, out.loss_fn, out.loss_fp, True, out)

@@ -1,0 +1,261 @@
+"""Attach an RCHHead to any model by naming the layer whose output is ``F``; export removes it.
+
+The feature is captured with a forward hook, so the user's model code is not edited and its
+outputs are untouched. :func:`attach` returns an :class:`RCHAttachment` module that holds the
+model and the head side by side (so ``parameters()``, ``.to()``, ``state_dict`` and DDP cover
+both); :func:`export` strips the hook and returns exactly the baseline network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import RCHError
+from .head import RCHHead, RCHHeadOutput
+
+__all__ = ["FeatureSelector", "RCHAttachment", "attach", "export"]
+
+FeatureSelector = int | str | Callable[[Any], Tensor] | None
+
+
+def _select(output: Any, select: FeatureSelector, layer: str) -> Tensor:
+    """Pick the feature tensor out of a layer's output (tensor, sequence, mapping)."""
+    if callable(select):
+        picked = select(output)
+    elif select is None:
+        picked = output
+    elif isinstance(select, str):
+        if not isinstance(output, Mapping) or select not in output:
+            keys = list(output.keys()) if isinstance(output, Mapping) else None
+            raise RCHError(
+                f"layer {layer!r} returned {type(output).__name__}; cannot select key "
+                f"{select!r}" + (f" (keys: {keys})." if keys is not None else ".")
+            )
+        picked = output[select]
+    else:
+        if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):
+            raise RCHError(
+                f"layer {layer!r} returned {type(output).__name__}; cannot select index {select}."
+            )
+        picked = output[select]
+    if not isinstance(picked, Tensor) or picked.ndim != 4:
+        what = tuple(picked.shape) if isinstance(picked, Tensor) else type(picked).__name__
+        raise RCHError(
+            f"the feature selected from layer {layer!r} must be a (B, C, h, w) tensor; got "
+            f"{what}. Pass select= (an index, a key or a function) to pick or reshape it."
+        )
+    return picked
+
+
+class _FeatureHook:
+    """Forward hook that keeps the last selected feature; it never changes the output."""
+
+    def __init__(self, layer: str, select: FeatureSelector) -> None:
+        self.layer, self.select = layer, select
+        self.feature: Tensor | None = None
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.feature = _select(output, self.select, self.layer)
+
+
+class RCHAttachment(nn.Module):
+    """A model with an RCH head attached: ``forward`` is the model's, untouched.
+
+    Holds the user's model (``.model``) and the head (``.head``) as children, so
+    ``parameters()``, ``.to()``, ``state_dict()`` and DDP cover both; the model's own
+    structure is not changed (a forward hook on ``layer`` captures the feature).
+
+    Attributes:
+        model: the user's model.
+        head: the :class:`~rch.head.RCHHead`.
+        layer: dotted name of the hooked module.
+    """
+
+    def __init__(
+        self, model: nn.Module, head: RCHHead, layer: str, select: FeatureSelector
+    ) -> None:
+        super().__init__()
+        self.model, self.head, self.layer = model, head, layer
+        self._hook = _FeatureHook(layer, select)
+        self._handle = model.get_submodule(layer).register_forward_hook(self._hook)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model; its output is returned unchanged and the feature is kept."""
+        return self.model(*args, **kwargs)
+
+    @property
+    def feature(self) -> Tensor | None:
+        """The feature captured by the last forward pass (``None`` before one, or after
+        :meth:`rch_loss` consumed it)."""
+        return self._hook.feature
+
+    def rch_loss(self, seg_logits: Tensor, labels: Tensor) -> RCHHeadOutput:
+        """RCH loss of the last forward pass; add its ``.loss`` to the segmentation loss.
+
+        Raises:
+            RCHError: no forward pass ran since the last call.
+        """
+        feature = self._hook.feature
+        if feature is None:
+            raise RCHError(
+                f"no feature captured from layer {self.layer!r}: run the model's forward pass "
+                "before asking for the RCH loss (one loss call per forward pass)."
+            )
+        self._hook.feature = None
+        out: RCHHeadOutput = self.head(feature, seg_logits, labels)
+        return out
+
+    def export(self) -> nn.Module:
+        """The user's model with the hook removed: exactly the baseline network."""
+        return export(self)
+
+
+def _infer_channels(module: nn.Module) -> int | None:
+    """Output channels of the last conv / norm registered inside ``module`` (a best guess)."""
+    found = None
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv2d, nn.ConvTranspose2d)):
+            found = sub.out_channels
+        elif isinstance(sub, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.InstanceNorm2d)):
+            found = sub.num_features
+        elif isinstance(sub, nn.GroupNorm):
+            found = sub.num_channels
+    return found
+
+
+def attach(
+    model: nn.Module,
+    layer: str,
+    num_classes: int | None = None,
+    *,
+    head: RCHHead | None = None,
+    in_channels: int | None = None,
+    select: FeatureSelector = None,
+    example_input: Any = None,
+    **head_kwargs: Any,
+) -> RCHAttachment:
+    """Attach an RCH head to ``model``, reading the output of submodule ``layer``.
+
+    Args:
+        model: any ``nn.Module``; it is not edited.
+        layer: dotted name of the submodule whose output is the feature ``F`` (as in
+            ``model.named_modules()``, e.g. ``"backbone.layer4"``).
+        num_classes: ``K``; required unless ``head`` is given.
+        head: a ready :class:`RCHHead`; otherwise one is built from ``num_classes``,
+            ``in_channels`` and ``head_kwargs``.
+        in_channels: channels of ``F``. If omitted, found by one forward pass of
+            ``example_input`` (no gradient), or else from the last conv / norm in ``layer``.
+        select: picks ``F`` from a layer that returns a list/tuple (an index), a dict (a key)
+            or anything else (a function returning a ``(B, C, h, w)`` tensor).
+        example_input: input for the dry run that finds ``in_channels``.
+        **head_kwargs: passed to :class:`RCHHead` (``embed_dim``, ``tau``, ``loss_weight``...).
+
+    Returns:
+        An :class:`RCHAttachment`: call it as the model, then
+        ``attached.rch_loss(seg_logits, labels).loss`` for the loss to add.
+
+    Raises:
+        KeyError: ``layer`` is not a submodule name (the message lists close names).
+        RCHError: ``model`` is already an attachment, or channels cannot be inferred.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import rch
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> model = rch.attach(net, "1", num_classes=4, in_channels=8, embed_dim=16)
+        >>> x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))
+        >>> logits = model(x)
+        >>> loss = nn.functional.cross_entropy(logits, y) + model.rch_loss(logits, y).loss
+        >>> loss.backward()
+        >>> deployed = rch.export(model)
+        >>> list(deployed.state_dict())
+        ['0.weight', '0.bias', '2.weight', '2.bias']
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        close = [n for n in modules if n and (layer in n or n in layer)][:10]
+        raise KeyError(
+            f"model has no submodule named {layer!r}; "
+            + (f"close names: {close}" if close else f"names look like: {list(modules)[1:11]}")
+        )
+    if isinstance(model, RCHAttachment):
+        raise RCHError("model already has an RCH head attached; export() it first.")
+    target = modules[layer]
+    if head is None:
+        if num_classes is None:
+            raise ValueError("attach() needs num_classes when no head is given.")
+        if in_channels is None:
+            in_channels = _channels_by_dry_run(
+                model, target, _FeatureHook(layer, select), example_input
+            )
+        if in_channels is None:
+            in_channels = _infer_channels(target)
+        if in_channels is None:
+            raise RCHError(
+                f"cannot tell how many channels layer {layer!r} outputs; pass in_channels= or "
+                "example_input=."
+            )
+        head = RCHHead(in_channels, num_classes, **head_kwargs)
+        ref = next(iter(model.parameters()), None)
+        if ref is not None:
+            head = head.to(ref.device)
+    return RCHAttachment(model, head, layer, select)
+
+
+def _channels_by_dry_run(
+    model: nn.Module, target: nn.Module, hook: _FeatureHook, example_input: Any
+) -> int | None:
+    if example_input is None:
+        return None
+    handle = target.register_forward_hook(hook)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    feature, hook.feature = hook.feature, None
+    return None if feature is None else int(feature.shape[1])
+
+
+def export(model: nn.Module) -> nn.Module:
+    """Strip RCH from ``model``: return the baseline network with every RCH hook removed.
+
+    ``model`` may be an :class:`RCHAttachment` (its ``.model`` is returned), a model that
+    contains attachments or heads somewhere inside, or a ``DistributedDataParallel`` wrapper
+    of either. The result's ``state_dict`` keys are those of a fresh model of the same
+    architecture, and its outputs are bitwise those of the attached model.
+
+    Example:
+        >>> from torch import nn
+        >>> import rch
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1))
+        >>> attached = rch.attach(net, "0", num_classes=4, in_channels=4, embed_dim=8)
+        >>> rch.export(attached) is net
+        True
+    """
+    inner = getattr(model, "module", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(inner, nn.Module):
+        model = inner
+    for module in model.modules():
+        for key, fn in list(module._forward_hooks.items()):
+            if isinstance(fn, _FeatureHook):
+                fn.feature = None
+                del module._forward_hooks[key]
+    if isinstance(model, RCHAttachment):
+        return model.model
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, RCHAttachment):
+                setattr(module, name, child.model)
+            elif isinstance(child, RCHHead):
+                delattr(module, name)
+    return model

@@ -1,0 +1,138 @@
+"""Pixel bookkeeping shared by the loss and by evaluation (pure functions, no state).
+
+The loss splits labelled pixels into true positives, false negatives and false positives
+against the segmentation head's prediction; evaluation accumulates the same split in a
+confusion matrix. Both use the helpers here, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PixelSets",
+    "class_stats",
+    "confusion_matrix",
+    "flatten_pixels",
+    "pixel_sets",
+    "resize_labels",
+    "resize_logits",
+    "segment_sum",
+]
+
+
+class PixelSets(NamedTuple):
+    """Per-pixel set membership of a flattened batch of ``N = B * h * w`` pixels.
+
+    ``label`` holds the class of each valid pixel and ``num_classes`` (a spare bin) for
+    ignored ones, so it can index per-class tables with one extra row that is dropped.
+    """
+
+    label: Tensor  # (N,) int64 in [0, K]; K marks an ignored pixel
+    pred: Tensor  # (N,) int64 in [0, K)
+    image: Tensor  # (N,) int64 in [0, B)
+    valid: Tensor  # (N,) bool: label is not the ignore value
+    correct: Tensor  # (N,) bool: valid and pred == label (true positive of its class)
+    wrong: Tensor  # (N,) bool: valid and pred != label (FN of label, FP of pred)
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a ``(B, H, W)`` label map to ``size`` (no-op if equal)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    resized = F.interpolate(labels[:, None].to(torch.float64), size=size, mode="nearest")
+    return resized[:, 0].to(labels.dtype)
+
+
+def resize_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of ``(B, K, h, w)`` logits (no-op if equal)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def flatten_pixels(x: Tensor) -> Tensor:
+    """``(B, C, h, w)`` -> ``(B * h * w, C)``, pixels in row-major order per image."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def pixel_sets(labels: Tensor, pred: Tensor, num_classes: int, ignore_index: int) -> PixelSets:
+    """Split pixels into valid / TP / misclassified sets.
+
+    Args:
+        labels: ``(B, h, w)`` integer labels at the resolution of ``pred``.
+        pred: ``(B, h, w)`` predicted classes.
+        num_classes: ``K``; used as the spare bin for ignored pixels.
+        ignore_index: label value that marks unlabelled pixels.
+
+    Returns:
+        A :class:`PixelSets` over the flattened ``N = B * h * w`` pixels.
+    """
+    batch = labels.shape[0]
+    flat_labels = labels.reshape(-1)
+    flat_pred = pred.reshape(-1)
+    valid = flat_labels != ignore_index
+    label = torch.where(valid, flat_labels, torch.full_like(flat_labels, num_classes))
+    hits = flat_pred == label
+    image = torch.arange(batch, device=labels.device).repeat_interleave(labels[0].numel())
+    return PixelSets(label, flat_pred, image, valid, valid & hits, valid & ~hits)
+
+
+def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
+    """Sum rows of ``values`` into ``num_segments`` bins; ``index == num_segments`` drops a row.
+
+    Differentiable in ``values`` (the backward pass is a gather). Costs one pass over
+    ``values``: no one-hot matrix is formed.
+
+    Args:
+        values: ``(N, D)`` rows.
+        index: ``(N,)`` int64 bin of each row, in ``[0, num_segments]``.
+        num_segments: number of real bins ``S``.
+
+    Returns:
+        ``(sums, counts)`` of shapes ``(S, D)`` and ``(S,)`` (counts are int64).
+
+    Example:
+        >>> import torch
+        >>> sums, counts = segment_sum(torch.eye(3), torch.tensor([1, 1, 2]), 2)
+        >>> sums.tolist(), counts.tolist()
+        ([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]], [0, 2])
+    """
+    sums = values.new_zeros(num_segments + 1, values.shape[1]).index_add(0, index, values)
+    counts = torch.bincount(index, minlength=num_segments + 1)
+    return sums[:num_segments], counts[:num_segments]
+
+
+def confusion_matrix(labels: Tensor, pred: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """``(K, K)`` int64 confusion matrix, rows = ground truth, columns = prediction.
+
+    Pixels whose label equals ``ignore_index`` are not counted.
+
+    Example:
+        >>> import torch
+        >>> y = torch.tensor([[0, 1, 1, 255]])
+        >>> p = torch.tensor([[0, 1, 0, 1]])
+        >>> confusion_matrix(y, p, 2, 255).tolist()
+        [[1, 0], [1, 1]]
+    """
+    valid = labels != ignore_index
+    codes = labels[valid].to(torch.int64) * num_classes + pred[valid].to(torch.int64)
+    counts = torch.bincount(codes, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def class_stats(confusion: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class ``(tp, fn, fp)`` counts from a confusion matrix (rows = ground truth).
+
+    Example:
+        >>> import torch
+        >>> tp, fn, fp = class_stats(torch.tensor([[1, 0], [1, 1]]))
+        >>> tp.tolist(), fn.tolist(), fp.tolist()
+        ([1, 1], [0, 1], [1, 0])
+    """
+    tp = confusion.diagonal()
+    return tp, confusion.sum(1) - tp, confusion.sum(0) - tp

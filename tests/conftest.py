@@ -1,0 +1,69 @@
+"""Shared fixtures and case builders. Device and dtype come from the environment.
+
+RCH_TEST_DEVICE (default "cpu") selects where tensors are made, e.g. "cuda" on a GPU host.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+DEVICE = torch.device(os.environ.get("RCH_TEST_DEVICE", "cpu"))
+
+
+@dataclass
+class Case:
+    embeddings: Tensor
+    seg_logits: Tensor
+    labels: Tensor
+    prototypes: Tensor
+
+
+def make_case(
+    seed: int = 0,
+    *,
+    batch: int = 2,
+    dim: int = 5,
+    classes: int = 4,
+    size: tuple[int, int] = (4, 5),
+    label_size: tuple[int, int] | None = None,
+    logit_size: tuple[int, int] | None = None,
+    accuracy: float = 0.6,
+    ignore_frac: float = 0.15,
+    ignore_index: int = 255,
+    dtype: torch.dtype = torch.float64,
+    absent: tuple[int, ...] = (),
+) -> Case:
+    """A random batch whose predictions are right on about ``accuracy`` of the pixels."""
+    g = torch.Generator().manual_seed(seed)
+    label_size = label_size or size
+    logit_size = logit_size or size
+    present = [c for c in range(classes) if c not in absent]
+    pick = torch.randint(0, len(present), (batch, *label_size), generator=g)
+    labels = torch.tensor(present)[pick]
+    labels[torch.rand(labels.shape, generator=g) < ignore_frac] = ignore_index
+    small = torch.nn.functional.interpolate(
+        labels[:, None].double(), size=logit_size, mode="nearest"
+    )[:, 0].long()
+    guess = torch.randint(0, classes, small.shape, generator=g)
+    keep = (torch.rand(small.shape, generator=g) < accuracy) & (small != ignore_index)
+    guess = torch.where(keep, small, guess)
+    logits = torch.randn(batch, classes, *logit_size, generator=g, dtype=dtype)
+    logits = logits + 3.0 * torch.nn.functional.one_hot(guess, classes).permute(0, 3, 1, 2)
+    emb = torch.randn(batch, dim, *size, generator=g, dtype=dtype)
+    protos = torch.randn(classes, dim, generator=g, dtype=dtype)
+    return Case(
+        emb.to(DEVICE).requires_grad_(True),
+        logits.to(DEVICE),
+        labels.to(DEVICE),
+        protos.to(DEVICE),
+    )
+
+
+@pytest.fixture
+def case() -> Case:
+    return make_case()

@@ -1,0 +1,253 @@
+"""rch.functional.rch_loss against the naive per-pixel reference, plus its edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rch.functional import rch_loss
+
+from ._reference import naive_official, naive_paper
+from .conftest import make_case
+
+TOL = {"rtol": 1e-9, "atol": 1e-10}
+
+SHAPES = [
+    {"batch": 1, "dim": 3, "classes": 2, "size": (3, 3)},
+    {"batch": 2, "dim": 5, "classes": 4, "size": (4, 5)},
+    {"batch": 3, "dim": 4, "classes": 5, "size": (3, 4), "label_size": (6, 8)},
+    {"batch": 2, "dim": 6, "classes": 6, "size": (4, 4), "absent": (1, 4)},
+    {"batch": 2, "dim": 4, "classes": 3, "size": (4, 4), "logit_size": (2, 2)},
+    {"batch": 2, "dim": 4, "classes": 3, "size": (3, 5), "label_size": (7, 9)},
+]
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("terms", [(True, True), (True, False), (False, True), (False, False)])
+def test_paper_matches_naive_loop(shape, terms):
+    c = make_case(seed=len(str(shape)), **shape)
+    fn_term, fp_term = terms
+    out = rch_loss(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, fn_term=fn_term, fp_term=fp_term
+    )
+    ref_fn, ref_fp, ref_mu = naive_paper(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, fn_term=fn_term, fp_term=fp_term
+    )
+    torch.testing.assert_close(out.loss_fn, ref_fn, **TOL)
+    torch.testing.assert_close(out.loss_fp, ref_fp, **TOL)
+    torch.testing.assert_close(out.prototypes, ref_mu, **TOL)
+    torch.testing.assert_close(
+        _grads(out.loss, c.embeddings)[0], _grads(ref_fn + ref_fp, c.embeddings)[0], **TOL
+    )
+    # the gradient path through the updated prototypes is the reference's too
+    probe = torch.randn_like(ref_mu)
+    torch.testing.assert_close(
+        _grads((out.prototypes * probe).sum(), c.embeddings)[0],
+        _grads((ref_mu * probe).sum(), c.embeddings)[0],
+        **TOL,
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha", [None, 1.0])
+def test_official_matches_naive_loop(shape, alpha):
+    c = make_case(seed=7 + len(str(shape)), **shape)
+    out = rch_loss(
+        c.embeddings,
+        c.seg_logits,
+        c.labels,
+        c.prototypes,
+        formulation="official",
+        tau=0.25,
+        alpha=alpha,
+    )
+    ref_fn, ref_fp, ref_mu = naive_official(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, tau=0.25, alpha=alpha
+    )
+    torch.testing.assert_close(out.loss_fn, ref_fn, **TOL)
+    torch.testing.assert_close(out.loss_fp, ref_fp, **TOL)
+    torch.testing.assert_close(out.prototypes, ref_mu, **TOL)
+    torch.testing.assert_close(
+        _grads(out.loss, c.embeddings)[0], _grads(ref_fn + ref_fp, c.embeddings)[0], **TOL
+    )
+
+
+def test_official_in_float32_within_1e5_of_float64_reference():
+    c = make_case(seed=3, batch=2, dim=16, classes=5, size=(6, 6), label_size=(12, 12))
+    out = rch_loss(
+        c.embeddings.detach().float(),
+        c.seg_logits.float(),
+        c.labels,
+        c.prototypes.float(),
+        formulation="official",
+    )
+    ref_fn, ref_fp, _ = naive_official(c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    assert out.loss.dtype == torch.float32
+    assert abs(out.loss.item() - (ref_fn + ref_fp).item()) < 1e-5
+
+
+def test_gt_prototype_source_matches_naive_loop():
+    c = make_case(seed=11)
+    out = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes, prototype_source="gt")
+    ref_fn, ref_fp, ref_mu = naive_paper(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, source="gt"
+    )
+    torch.testing.assert_close(out.prototypes, ref_mu, **TOL)
+    torch.testing.assert_close(out.loss, ref_fn + ref_fp, **TOL)
+
+
+def test_no_update_uses_given_prototypes_and_trains_them():
+    c = make_case(seed=12)
+    learned = c.prototypes.clone().requires_grad_(True)
+    out = rch_loss(c.embeddings, c.seg_logits, c.labels, learned, update_prototypes=False)
+    ref_fn, ref_fp, _ = naive_paper(c.embeddings, c.seg_logits, c.labels, learned, update=False)
+    torch.testing.assert_close(out.prototypes, learned, **TOL)
+    assert not out.updated.any()
+    torch.testing.assert_close(
+        _grads(out.loss, learned)[0], _grads(ref_fn + ref_fp, learned)[0], **TOL
+    )
+
+
+def test_perfect_prediction_gives_plain_prototype_nll():
+    c = make_case(seed=5)
+    right = c.labels.clamp_max(3)  # ignored pixels may be predicted as anything
+    c.seg_logits = 20.0 * torch.nn.functional.one_hot(right, 4).permute(0, 3, 1, 2).double()
+    out = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    assert int(out.fn_count.sum()) == 0 and int(out.fp_count.sum()) == 0
+    plain = rch_loss(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, fn_term=False, fp_term=False
+    )
+    torch.testing.assert_close(out.loss_fn, plain.loss_fn, **TOL)
+    torch.testing.assert_close(out.loss_fp, plain.loss_fn, **TOL)
+    # and that is the cross-entropy of cos / tau against the updated prototypes
+    e = torch.nn.functional.normalize(c.embeddings.detach(), dim=1)
+    mu = torch.nn.functional.normalize(out.prototypes.detach(), dim=1)
+    logits = torch.einsum("bdhw,kd->bkhw", e, mu) / 0.5
+    nll = torch.nn.functional.cross_entropy(logits, c.labels, ignore_index=255)
+    torch.testing.assert_close(out.loss_fn.detach(), nll, rtol=1e-9, atol=1e-9)
+
+
+def test_momentum_per_class_tensor():
+    c = make_case(seed=13, accuracy=0.9, ignore_frac=0.0)
+    rho = torch.tensor([0.0, 0.5, 0.9, 0.99], dtype=torch.float64)
+    out = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes, momentum=rho)
+    for k in range(4):
+        ref = naive_paper(c.embeddings, c.seg_logits, c.labels, c.prototypes, rho=float(rho[k]))[2]
+        torch.testing.assert_close(out.prototypes[k], ref[k], **TOL)
+
+
+def test_counts_are_the_tp_fn_fp_split():
+    c = make_case(seed=2, size=(5, 5))
+    out = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    pred, y = c.seg_logits.argmax(1), c.labels
+    for k in range(4):
+        valid = y != 255
+        assert int(out.tp_count[k]) == int(((y == k) & (pred == k)).sum())
+        assert int(out.fn_count[k]) == int(((y == k) & (pred != k)).sum())
+        assert int(out.fp_count[k]) == int((valid & (y != k) & (pred == k)).sum())
+
+
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_all_ignored_gives_zero_loss_that_backpropagates(formulation):
+    c = make_case(seed=1)
+    labels = torch.full_like(c.labels, 255)
+    out = rch_loss(c.embeddings, c.seg_logits, labels, c.prototypes, formulation=formulation)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert c.embeddings.grad is not None and torch.isfinite(c.embeddings.grad).all()
+    torch.testing.assert_close(out.prototypes, c.prototypes)
+    assert not out.updated.any()
+
+
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_zero_embeddings_are_finite(formulation):
+    c = make_case(seed=4)
+    emb = torch.zeros_like(c.embeddings).requires_grad_(True)
+    out = rch_loss(
+        emb, c.seg_logits, c.labels, torch.zeros_like(c.prototypes), formulation=formulation
+    )
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(emb.grad).all()
+
+
+def test_no_true_positive_keeps_prototypes():
+    c = make_case(seed=6, accuracy=0.0, classes=3)
+    labels = c.labels.clone()
+    pred = c.seg_logits.argmax(1)
+    labels[(labels == pred)] = 255  # remove every TP
+    out = rch_loss(c.embeddings, c.seg_logits, labels, c.prototypes)
+    assert int(out.tp_count.sum()) == 0 and not out.updated.any()
+    torch.testing.assert_close(out.prototypes, c.prototypes)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(c.embeddings.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32(dtype):
+    c = make_case(seed=8, dtype=torch.float32)
+    emb = c.embeddings.detach().to(dtype).requires_grad_(True)
+    out = rch_loss(emb, c.seg_logits.to(dtype), c.labels, c.prototypes.to(dtype))
+    ref = rch_loss(
+        emb.detach().float(),
+        c.seg_logits.to(dtype).float(),
+        c.labels,
+        c.prototypes.to(dtype).float(),
+    )
+    assert out.loss.dtype == torch.float32 and out.prototypes.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()
+    assert emb.grad.dtype == dtype and torch.isfinite(emb.grad.float()).all()
+
+
+def test_bf16_autocast_on_cpu_runs_in_float32():
+    c = make_case(seed=9, dtype=torch.float32)
+    conv = torch.nn.Conv2d(5, 5, 1).double().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = conv(c.embeddings)
+        assert emb.dtype == torch.bfloat16
+        out = rch_loss(emb, c.seg_logits, c.labels, c.prototypes)
+    assert out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert torch.isfinite(conv.weight.grad).all()
+
+
+def test_float64_stays_float64(case):
+    out = rch_loss(case.embeddings, case.seg_logits, case.labels, case.prototypes)
+    assert out.loss.dtype == torch.float64 and out.prototypes.dtype == torch.float64
+
+
+def test_seg_logits_receive_no_gradient(case):
+    logits = case.seg_logits.clone().requires_grad_(True)
+    out = rch_loss(case.embeddings, logits, case.labels, case.prototypes)
+    (grad,) = torch.autograd.grad(out.loss, logits, allow_unused=True)
+    assert grad is None
+
+
+def test_integer_labels_of_other_dtypes_accepted(case):
+    a = rch_loss(case.embeddings, case.seg_logits, case.labels, case.prototypes)
+    b = rch_loss(case.embeddings, case.seg_logits, case.labels.to(torch.uint8), case.prototypes)
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_gradcheck_float64():
+    c = make_case(seed=10, batch=2, dim=3, classes=3, size=(3, 3), label_size=(6, 6))
+    protos = c.prototypes.clone().requires_grad_(True)
+
+    def paper(emb, mu):
+        return rch_loss(emb, c.seg_logits, c.labels, mu, update_prototypes=False).loss
+
+    def paper_ema(emb):
+        out = rch_loss(emb, c.seg_logits, c.labels, c.prototypes)
+        return out.loss, out.prototypes
+
+    def official(emb):
+        return rch_loss(emb, c.seg_logits, c.labels, c.prototypes, formulation="official").loss
+
+    emb = c.embeddings.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(paper, (emb, protos))
+    assert torch.autograd.gradcheck(paper_ema, (emb,))
+    assert torch.autograd.gradcheck(official, (emb,))
