@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -26,11 +28,14 @@ def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Te
     if world_size(group) == 1:
         return tensor
     if tensor.requires_grad:
-        import torch.distributed.nn.functional as dist_fn
+        # functional collectives carry autograd (backward = the same all-reduce of the grads)
+        import torch.distributed._functional_collectives as funcol
 
-        kwargs = {} if group is None else {"group": group}
-        reduced: Tensor = dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM, **kwargs)
-        return reduced
+        target = cast(dist.ProcessGroup, dist.group.WORLD if group is None else group)
+        reduced = funcol.all_reduce(tensor, "sum", target)
+        if isinstance(reduced, funcol.AsyncCollectiveTensor):
+            reduced = reduced.wait()
+        return cast(Tensor, reduced)
     out = tensor.clone()
     with torch.no_grad():
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)

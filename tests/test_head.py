@@ -1,0 +1,159 @@
+"""RCHHead: state in buffers, EMA only in training mode, warm-up, learned prototypes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from rch import RCHError, RCHHead
+from rch.functional import rch_loss
+
+from .conftest import make_case
+
+
+def _inputs(seed=0, classes=4, channels=6):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(2, channels, 4, 4, generator=g)
+    logits = torch.randn(2, classes, 4, 4, generator=g)
+    labels = torch.randint(0, classes, (2, 8, 8), generator=g)
+    return feats, logits, labels
+
+
+def test_forward_equals_functional_times_lambda():
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, loss_weight=0.3, tau=0.25)
+    feats, logits, labels = _inputs()
+    before = head.prototypes.clone()
+    out = head(feats, logits, labels)
+    emb = head.projection(feats)  # BN in train mode: same batch statistics
+    ref = rch_loss(emb, logits, labels, before, tau=0.25)
+    torch.testing.assert_close(out.loss, 0.3 * ref.loss)
+    torch.testing.assert_close(head.prototypes, ref.prototypes.detach())
+    assert not head.prototypes.requires_grad
+
+
+def test_state_dict_round_trip_restores_everything():
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, prototype_init="first")
+    for seed in range(3):
+        head(*_inputs(seed)).loss.backward()
+    state = head.state_dict()
+    assert {"prototypes", "step", "initialized"} <= set(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh = RCHHead(6, 4, embed_dim=5, prototype_init="first")
+    fresh.load_state_dict(torch.load(buffer))
+    assert int(fresh.step) == 3
+    assert torch.equal(fresh.initialized, head.initialized)
+    torch.testing.assert_close(fresh.prototypes, head.prototypes, rtol=0, atol=0)
+    a, b = head(*_inputs(9)), fresh(*_inputs(9))
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+
+
+def test_eval_mode_leaves_state_untouched():
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5)
+    head(*_inputs(0))
+    head.eval()
+    protos, step = head.prototypes.clone(), int(head.step)
+    out = head(*_inputs(1))
+    assert torch.isfinite(out.loss)
+    assert torch.equal(head.prototypes, protos) and int(head.step) == step
+    assert not out.details.updated.any()
+
+
+def test_warmup_gives_zero_loss_then_turns_on():
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, warmup_iters=2)
+    protos = head.prototypes.clone()
+    for _ in range(2):
+        out = head(*_inputs(0))
+        assert not out.active and out.loss.item() == 0.0 and out.details is None
+        out.loss.backward()  # still part of the graph: DDP sees every parameter used
+        assert head.projection[0].weight.grad is not None
+    assert torch.equal(head.prototypes, protos) and int(head.step) == 2
+    out = head(*_inputs(0))
+    assert out.active and out.loss.item() > 0 and not torch.equal(head.prototypes, protos)
+
+
+def test_learned_prototypes_are_a_trained_parameter():
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, prototypes="learned")
+    assert isinstance(head.prototypes, torch.nn.Parameter)
+    before = head.prototypes.detach().clone()
+    out = head(*_inputs(0))
+    out.loss.backward()
+    assert head.prototypes.grad is not None and head.prototypes.grad.abs().sum() > 0
+    assert torch.equal(head.prototypes.detach(), before)  # no EMA step
+    assert "prototypes" in dict(head.named_parameters())
+
+
+def test_first_init_copies_first_mean_and_blocks_eval_before_training():
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, prototype_init="first", momentum=0.9)
+    head.eval()
+    with pytest.raises(RCHError, match="no prototype yet"):
+        head(*_inputs(0))
+    head.train()
+    feats, logits, labels = _inputs(0)
+    out = head(feats, logits, labels)
+    emb = head.projection(feats).detach()
+    pred = logits.argmax(1)
+    small = labels[:, ::2, ::2]
+    for k in range(4):
+        tp = (small == k) & (pred == k)
+        if tp.any():
+            mean = emb.permute(0, 2, 3, 1)[tp].mean(0)
+            torch.testing.assert_close(head.prototypes[k], mean)
+            assert head.initialized[k]
+        else:
+            assert not head.initialized[k] and head.prototypes[k].abs().sum() == 0
+    assert out.details is not None
+
+
+def test_official_formulation_in_head():
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, formulation="official", alpha=1.0, tau=0.125)
+    out = head(*_inputs(0))
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"formulation": "pape"}, "formulation must be one of"),
+        ({"prototype_source": "fp"}, "prototype_source must be one of"),
+        ({"prototypes": "fixed"}, "prototypes must be one of"),
+        ({"tau": 0.0}, "tau must be"),
+        ({"momentum": 1.0}, "momentum must lie in"),
+        ({"loss_weight": -1.0}, "loss_weight"),
+        ({"warmup_iters": -1}, "warmup_iters"),
+        ({"embed_dim": 0}, "embed_dim"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RCHHead(6, 4, **kwargs)
+
+
+def test_unknown_keyword_is_rejected():
+    with pytest.raises(TypeError):
+        RCHHead(6, 4, temperature=0.5)  # type: ignore[call-arg]
+
+
+def test_wrong_feature_channels_named():
+    head = RCHHead(6, 4, embed_dim=5)
+    feats, logits, labels = _inputs(channels=7)
+    with pytest.raises(ValueError, match=r"7 channels.*in_channels=6"):
+        head(feats, logits, labels)
+
+
+def test_head_moves_with_to_and_keeps_dtype():
+    head = RCHHead(6, 4, embed_dim=5).double()
+    assert head.prototypes.dtype == torch.float64
+    c = make_case(seed=0, dim=6, classes=4)
+    out = head(c.embeddings.detach(), c.seg_logits, c.labels)
+    assert out.loss.dtype == torch.float64

@@ -1,0 +1,221 @@
+"""attach / export on torchvision, smp, timm and hand-written models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rch
+from rch import RCHAttachment, RCHError
+
+K = 5
+
+
+class HandWritten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Conv2d(16, K, 1)
+
+    def forward(self, x):
+        return F.interpolate(
+            self.head(self.body(self.stem(x))),
+            size=x.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+
+
+class TimmSeg(nn.Module):
+    """A timm features_only encoder (returns a list) with an FCN-style classifier."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        self.encoder = timm.create_model(
+            "resnet18", features_only=True, pretrained=False, out_indices=(2, 3)
+        )
+        self.classifier = nn.Conv2d(self.encoder.feature_info.channels()[-1], K, 1)
+
+    def forward(self, x):
+        return F.interpolate(
+            self.classifier(self.encoder(x)[-1]),
+            size=x.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+
+
+def _torchvision():
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    return deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=K, aux_loss=False)
+
+
+def _smp_unet():
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet("resnet18", encoder_weights=None, classes=K)
+
+
+def _smp_segformer():
+    import segmentation_models_pytorch as smp
+
+    return smp.Segformer("mit_b0", encoder_weights=None, classes=K)
+
+
+# (factory, layer, select, expected in_channels, output -> logits)
+MODELS = {
+    "torchvision-deeplabv3": (_torchvision, "backbone", "out", 2048, lambda o: o["out"]),
+    "torchvision-layer": (_torchvision, "backbone.layer3", None, 1024, lambda o: o["out"]),
+    "smp-unet": (_smp_unet, "encoder", -1, 512, lambda o: o),
+    "smp-segformer": (_smp_segformer, "encoder", -1, None, lambda o: o),
+    "timm-encoder": (TimmSeg, "encoder", 1, 256, lambda o: o),
+    "timm-submodule": (TimmSeg, "encoder.layer2", None, 128, lambda o: o),
+    "hand-written": (HandWritten, "body", None, 16, lambda o: o),
+}
+
+
+def _batch(seed=0, size=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, size, size, generator=g), torch.randint(
+        0, K, (2, size, size), generator=g
+    )
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_attach_train_step_and_export_to_exact_baseline(name):
+    factory, layer, select, channels, logits_of = MODELS[name]
+    torch.manual_seed(0)
+    net = factory()
+    baseline_keys = list(factory().state_dict())
+    x, y = _batch()
+    model = rch.attach(
+        net,
+        layer,
+        num_classes=K,
+        select=select,
+        embed_dim=16,
+        example_input=x if channels is None else None,
+    )
+    if channels is not None:
+        assert model.head.in_channels == channels
+    assert isinstance(model, RCHAttachment) and model.model is net
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    logits = logits_of(model(x))
+    out = model.rch_loss(logits, y)
+    assert out.active and torch.isfinite(out.loss)
+    (F.cross_entropy(logits, y) + out.loss).backward()
+    assert model.head.projection[0].weight.grad.abs().sum() > 0
+    feature_module = net.get_submodule(layer)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in feature_module.parameters())
+    optimizer.step()
+    assert int(model.head.step) == 1
+
+    model.eval()
+    with torch.no_grad():
+        attached = logits_of(model(x))
+    deployed = rch.export(model)
+    assert deployed is net
+    assert list(deployed.state_dict()) == baseline_keys
+    assert not any(isinstance(m, rch.RCHHead) for m in deployed.modules())
+    assert all(len(m._forward_hooks) == 0 for m in deployed.modules())
+    with torch.no_grad():
+        assert torch.equal(logits_of(deployed(x)), attached)
+
+
+def test_attached_outputs_are_bitwise_the_models():
+    torch.manual_seed(0)
+    net = HandWritten().eval()
+    x, _ = _batch(1)
+    with torch.no_grad():
+        before = net(x)
+        model = rch.attach(copy.deepcopy(net), "body", num_classes=K).eval()
+        assert torch.equal(model(x), before)
+
+
+def test_loss_before_forward_and_twice_raise():
+    model = rch.attach(HandWritten(), "body", num_classes=K)
+    x, y = _batch()
+    with pytest.raises(RCHError, match="no feature captured from layer 'body'"):
+        model.rch_loss(torch.randn(2, K, 64, 64), y)
+    logits = model(x)
+    model.rch_loss(logits, y)
+    with pytest.raises(RCHError, match="one loss call per forward pass"):
+        model.rch_loss(logits, y)
+
+
+def test_unknown_layer_lists_names():
+    with pytest.raises(KeyError, match=r"no submodule named 'bod'.*body"):
+        rch.attach(HandWritten(), "bod", num_classes=K)
+
+
+def test_double_attach_rejected():
+    model = rch.attach(HandWritten(), "body", num_classes=K)
+    with pytest.raises(RCHError, match="already"):
+        rch.attach(model, "model.body", num_classes=K)
+
+
+def test_selector_errors_name_the_layer():
+    torch.manual_seed(0)
+    model = rch.attach(TimmSeg(), "encoder", num_classes=K, in_channels=256, select="out")
+    with pytest.raises(RCHError, match="layer 'encoder' returned list; cannot select key 'out'"):
+        model(_batch()[0])
+    model = rch.attach(TimmSeg(), "encoder", num_classes=K, in_channels=256)
+    with pytest.raises(RCHError, match=r"must be a \(B, C, h, w\) tensor; got list"):
+        model(_batch()[0])
+
+
+def test_callable_selector_and_uninferable_channels():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 8)
+            self.cls = nn.Linear(8, K)
+
+        def forward(self, x):
+            b, _, h, w = x.shape
+            t = self.proj(x.flatten(2).transpose(1, 2))  # (B, N, C) tokens
+            return self.cls(t).transpose(1, 2).reshape(b, K, h, w)
+
+    with pytest.raises(RCHError, match="pass in_channels= or example_input="):
+        rch.attach(Tokens(), "proj", num_classes=K)
+    x, y = _batch(size=8)
+    model = rch.attach(
+        Tokens(),
+        "proj",
+        num_classes=K,
+        example_input=x,
+        select=lambda t: t.transpose(1, 2).reshape(2, 8, 8, 8),
+    )
+    assert model.head.in_channels == 8
+    logits = model(x)
+    model.rch_loss(logits, y).loss.backward()
+
+
+def test_export_removes_heads_nested_in_a_container():
+    net = HandWritten()
+    holder = nn.ModuleDict({"seg": rch.attach(net, "body", num_classes=K)})
+    rch.export(holder)
+    assert holder["seg"] is net
+    assert all(len(m._forward_hooks) == 0 for m in holder.modules())
+
+
+def test_state_dict_of_attachment_round_trips():
+    torch.manual_seed(0)
+    model = rch.attach(HandWritten(), "body", num_classes=K, embed_dim=8)
+    x, y = _batch()
+    model.rch_loss(model(x), y).loss.backward()
+    state = model.state_dict()
+    assert "head.prototypes" in state and "model.body.0.weight" in state
+    other = rch.attach(HandWritten(), "body", num_classes=K, embed_dim=8)
+    other.load_state_dict(state)
+    assert int(other.head.step) == 1
+    torch.testing.assert_close(other.head.prototypes, model.head.prototypes, rtol=0, atol=0)

@@ -1,0 +1,103 @@
+"""Hypothesis property tests for the invariants of RCH_SPEC sections 3 and 4."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rch.functional import rch_loss
+from rch.loss import calibration_terms, margin_logits, unit
+from rch.stats import flatten_pixels, pixel_sets
+
+from .conftest import make_case
+
+cases = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 10_000),
+        "batch": st.integers(1, 3),
+        "dim": st.integers(1, 6),
+        "classes": st.integers(2, 6),
+        "size": st.tuples(st.integers(1, 5), st.integers(1, 5)),
+        "accuracy": st.floats(0.0, 1.0),
+        "ignore_frac": st.floats(0.0, 0.5),
+    }
+)
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@SETTINGS
+@given(spec=cases, formulation=st.sampled_from(["paper", "official"]))
+def test_phi_and_psi_lie_in_0_2(spec, formulation):
+    c = make_case(**spec)
+    b = c.embeddings.shape[0]
+    sets = pixel_sets(c.labels, c.seg_logits.argmax(1), spec["classes"], 255)
+    rows = flatten_pixels(c.embeddings.detach())
+    phi, psi = calibration_terms(
+        rows, unit(rows), sets, num_images=b, num_classes=spec["classes"], formulation=formulation
+    )
+    for term in (phi, psi):
+        assert term is not None
+        assert term.min() >= -1e-12 and term.max() <= 2 + 1e-12
+        assert torch.all(term[~sets.valid] == 0)
+
+
+@SETTINGS
+@given(spec=cases, formulation=st.sampled_from(["paper", "official"]))
+def test_margins_vanish_where_p_is_one(spec, formulation):
+    c = make_case(**spec)
+    k = spec["classes"]
+    pred = c.seg_logits.argmax(1)
+    # the segmentation head is certain (p = 1 exactly) of its prediction, right or wrong
+    certain = (1e4 * torch.nn.functional.one_hot(pred, k).permute(0, 3, 1, 2)).double()
+    b = c.labels.shape[0]
+    sets = pixel_sets(c.labels, pred, k, 255)
+    rows = flatten_pixels(c.embeddings.detach())
+    phi, psi = calibration_terms(
+        rows, unit(rows), sets, num_images=b, num_classes=k, formulation=formulation
+    )
+    target = sets.label.clamp_max(k - 1)
+    p_true = flatten_pixels(certain.softmax(1)).gather(1, target[:, None])[:, 0]
+    cos = unit(rows) @ unit(c.prototypes).T
+    plain = margin_logits(cos, target, None, 0.5)
+    for term in (phi, psi):
+        z = margin_logits(cos, target, (1 - p_true) * term, 0.5)
+        sure = p_true == 1
+        assert torch.equal(z[sure], plain[sure])
+        # where p = 0 the full margin applies
+        moved = (~sure) & (term > 0)
+        torch.testing.assert_close(
+            plain[moved].gather(1, target[moved, None])[:, 0]
+            - z[moved].gather(1, target[moved, None])[:, 0],
+            term[moved],
+        )
+
+
+@SETTINGS
+@given(spec=cases, scale=st.floats(1e-3, 1e3), formulation=st.sampled_from(["paper", "official"]))
+def test_loss_is_invariant_to_scaling_embeddings(spec, scale, formulation):
+    c = make_case(**spec)
+    emb = c.embeddings.detach()
+    a = rch_loss(emb, c.seg_logits, c.labels, c.prototypes, formulation=formulation)
+    b = rch_loss(emb * scale, c.seg_logits, c.labels, c.prototypes * scale, formulation=formulation)
+    # equal up to the 1e-12 added to norms (felt only by near-zero embeddings)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(a.prototypes * scale, b.prototypes, rtol=1e-9, atol=1e-9)
+    # without an EMA step the prototypes' own scale is irrelevant too
+    c1 = rch_loss(emb, c.seg_logits, c.labels, c.prototypes, update_prototypes=False)
+    c2 = rch_loss(emb * scale, c.seg_logits, c.labels, c.prototypes * 7.0, update_prototypes=False)
+    torch.testing.assert_close(c1.loss, c2.loss, rtol=1e-6, atol=1e-9)
+
+
+@SETTINGS
+@given(spec=cases)
+def test_loss_is_finite_with_finite_gradients(spec):
+    c = make_case(**spec)
+    out = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(c.embeddings.grad).all()
+    counts = out.tp_count + out.fn_count
+    assert (
+        int(counts.sum()) == int((c.labels != 255).sum())
+        or c.labels.shape[-2:] != (c.embeddings.shape[-2:])
+    )

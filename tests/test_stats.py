@@ -1,0 +1,65 @@
+"""Pixel bookkeeping: resizes, TP/FN/FP split, segment sums, confusion matrix."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rch.prototypes import ema_update
+from rch.stats import (
+    class_stats,
+    confusion_matrix,
+    pixel_sets,
+    resize_labels,
+    segment_sum,
+)
+
+
+def test_resize_labels_nearest_keeps_values():
+    labels = torch.tensor([[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 255]]])
+    assert resize_labels(labels, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
+    assert resize_labels(labels, (4, 4)) is labels
+
+
+def test_pixel_sets_by_hand():
+    y = torch.tensor([[[0, 1], [1, 255]]])
+    p = torch.tensor([[[0, 0], [1, 1]]])
+    s = pixel_sets(y, p, num_classes=2, ignore_index=255)
+    assert s.label.tolist() == [0, 1, 1, 2]
+    assert s.valid.tolist() == [True, True, True, False]
+    assert s.correct.tolist() == [True, False, True, False]
+    assert s.wrong.tolist() == [False, True, False, False]
+    assert s.image.tolist() == [0, 0, 0, 0]
+
+
+def test_confusion_and_class_stats_by_hand():
+    y = torch.tensor([[0, 0, 1, 1, 2, 255]])
+    p = torch.tensor([[0, 1, 1, 2, 2, 0]])
+    cm = confusion_matrix(y, p, 3, 255)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    tp, fn, fp = class_stats(cm)
+    assert (tp.tolist(), fn.tolist(), fp.tolist()) == ([1, 1, 1], [1, 1, 0], [0, 1, 1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), d=st.integers(1, 4), s=st.integers(1, 6), seed=st.integers(0, 999))
+def test_segment_sum_equals_loop(n, d, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, d, generator=g, dtype=torch.float64)
+    index = torch.randint(0, s + 1, (n,), generator=g)
+    sums, counts = segment_sum(values, index, s)
+    for k in range(s):
+        members = values[index == k]
+        torch.testing.assert_close(sums[k], members.sum(0))
+        assert int(counts[k]) == len(members)
+
+
+def test_ema_update_by_hand():
+    old = torch.tensor([[1.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+    sums = torch.tensor([[4.0, 0.0], [0.0, 0.0], [3.0, 3.0]], requires_grad=True)
+    counts = torch.tensor([2, 0, 1])
+    new = ema_update(old, sums, counts, 0.75)
+    assert new.tolist() == [[1.25, 0.75], [2.0, 2.0], [4.5, 4.5]]
+    new.sum().backward()
+    assert sums.grad.tolist() == [[0.125, 0.125], [0.0, 0.0], [0.25, 0.25]]

@@ -1,0 +1,122 @@
+"""Bad input to rch_loss raises an error that names the argument and what was received."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rch.functional import rch_loss
+
+from .conftest import make_case
+
+
+def _call(**changes):
+    c = make_case(seed=0)
+    args = {
+        "embeddings": c.embeddings,
+        "seg_logits": c.seg_logits,
+        "labels": c.labels,
+        "prototypes": c.prototypes,
+    }
+    options = {k: v for k, v in changes.items() if k not in args}
+    args.update({k: v for k, v in changes.items() if k in args})
+    return rch_loss(
+        args["embeddings"], args["seg_logits"], args["labels"], args["prototypes"], **options
+    )
+
+
+def test_shapes():
+    c = make_case(seed=0)
+    with pytest.raises(
+        ValueError, match=r"embeddings must have shape \(B, D, h, w\).*got shape \(2, 5, 4\)"
+    ):
+        _call(embeddings=c.embeddings[..., 0])
+    with pytest.raises(ValueError, match=r"seg_logits has 3 classes .* but prototypes has 4"):
+        _call(seg_logits=c.seg_logits[:, :3])
+    with pytest.raises(ValueError, match=r"prototypes have width 4 but embeddings have D=5"):
+        _call(prototypes=c.prototypes[:, :4])
+    with pytest.raises(
+        ValueError, match=r"batch sizes differ: embeddings 2, seg_logits 2, labels 1"
+    ):
+        _call(labels=c.labels[:1])
+    with pytest.raises(ValueError, match=r"labels must have shape \(B, H, W\)"):
+        _call(labels=c.labels[:, None])
+
+
+def test_dtypes():
+    c = make_case(seed=0)
+    with pytest.raises(TypeError, match=r"labels must be an integer tensor.*float"):
+        _call(labels=c.labels.double())
+    with pytest.raises(TypeError, match="embeddings must be a floating-point tensor"):
+        _call(embeddings=c.embeddings.detach().long())
+    with pytest.raises(TypeError, match=r"seg_logits must be a torch\.Tensor"):
+        _call(seg_logits=c.seg_logits.numpy())
+
+
+def test_label_range_names_the_values():
+    c = make_case(seed=0)
+    labels = c.labels.clone()
+    labels[0, 0, 0], labels[0, 0, 1] = 4, -1
+    with pytest.raises(ValueError, match=r"outside \[0, 4\) that are not ignore_index=255: -1, 4"):
+        _call(labels=labels)
+    # with another ignore value 255 is out of range
+    with pytest.raises(ValueError, match="255"):
+        _call(ignore_index=-1)
+
+
+@pytest.mark.parametrize("name", ["embeddings", "seg_logits", "prototypes"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs(name, bad):
+    c = make_case(seed=0)
+    value = {
+        "embeddings": c.embeddings.detach(),
+        "seg_logits": c.seg_logits,
+        "prototypes": c.prototypes,
+    }[name].clone()
+    value.view(-1)[3] = bad
+    kind = "NaN" if bad != bad else "Inf"
+    with pytest.raises(ValueError, match=rf"{name} contains 1 non-finite value\(s\) \({kind}\)"):
+        _call(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        (
+            {"formulation": "offical"},
+            ValueError,
+            "formulation must be one of 'paper', 'official'; got 'offical'",
+        ),
+        ({"prototype_source": "fn"}, ValueError, "prototype_source must be one of"),
+        ({"tau": 0}, ValueError, "tau must be a finite number > 0"),
+        ({"tau": "0.5"}, TypeError, "tau must be a number"),
+        ({"momentum": 1.5}, ValueError, r"momentum must lie in \[0, 1\)"),
+        ({"momentum": torch.zeros(3)}, ValueError, r"momentum tensor must have shape \(4,\)"),
+        ({"alpha": -1.0, "formulation": "official"}, ValueError, "alpha must be"),
+        ({"alpha": 1.0}, ValueError, "alpha=1.0 only applies to formulation='official'"),
+        ({"ignore_index": 255.0}, TypeError, "ignore_index must be an int"),
+        ({"temperature": 0.5}, TypeError, "temperature"),
+    ],
+)
+def test_options(options, error, match):
+    with pytest.raises(error, match=match):
+        _call(**options)
+
+
+def test_validation_survives_python_optimize_flag():
+    """Checks are real raises, not asserts: they must not vanish under ``python -O``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, rch\n"
+        "try:\n"
+        "    rch.rch_loss(torch.randn(1,2,2,2), torch.randn(1,3,2,2), torch.full((1,2,2), 7),"
+        " torch.randn(3,2))\n"
+        "except ValueError as e:\n"
+        "    print('raised', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("raised labels holds values outside [0, 3)")
