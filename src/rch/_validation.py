@@ -78,14 +78,17 @@ def check_tensor(
 def check_finite(name: str, value: Tensor) -> None:
     """Raise ``ValueError`` if ``value`` holds NaN or Inf, saying how many and where the first is.
 
-    The fast path is a single reduction; the element-wise scan runs only when it fails.
+    The fast path is one reduction in the tensor's own dtype (no copy); the element-wise
+    scan runs only when that sum is not finite (a NaN/Inf, or an overflow of the sum).
     """
     with torch.no_grad():
-        if bool(torch.isfinite(value.sum(dtype=torch.float64))):
+        if value.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(value.sum())):
+            return
+        if value.dtype not in (torch.float32, torch.float64) and bool(torch.isfinite(value).all()):
             return
         bad = ~torch.isfinite(value)
         count = int(bad.sum())
-        if count == 0:  # the float64 sum overflowed although every entry is finite
+        if count == 0:  # the sum overflowed although every entry is finite
             return
         first = tuple(int(i) for i in bad.nonzero()[0])
         kinds = []

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._fused import PaperPlan, fused_paper_loss
 from ._validation import (
     check_finite,
     check_labels,
@@ -116,14 +117,6 @@ def _validate(
     check_finite("prototypes", prototypes)
 
 
-def _mean_ce(logits: Tensor, sets: PixelSets) -> Tensor:
-    """Cross-entropy averaged over valid pixels; a zero that still backpropagates if none."""
-    if not bool(sets.valid.any()):
-        return logits.sum() * 0.0
-    target = torch.where(sets.valid, sets.label, torch.full_like(sets.label, -100))
-    return F.cross_entropy(logits, target, ignore_index=-100)
-
-
 def _mean_ce_at_labels(
     logits: Tensor, shape: tuple[int, int, int], labels: Tensor, ignore: int
 ) -> Tensor:
@@ -151,8 +144,6 @@ def _update_prototypes(
     sums, counts = segment_sum(rows, index, k)
     pooled = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1).to(sums.dtype)], 1), group)
     counts = pooled[:, d].detach().round().to(torch.int64)
-    if isinstance(momentum, Tensor):
-        momentum = momentum.to(rows.device)
     return ema_update(prototypes, pooled[:, :d], counts, momentum), counts > 0
 
 
@@ -287,10 +278,72 @@ def _rch_loss(
     k = prototypes.shape[0]
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w))
-    sets = pixel_sets(small_labels, logits.argmax(1), k, ignore_index)
+    sets = pixel_sets(small_labels, logits.max(1).indices, k, ignore_index)
     target = sets.label.clamp_max(k - 1)  # any class for ignored pixels: their margin is 0
     p_true = logits.softmax(1).gather(1, target.view(b, 1, h, w)).reshape(-1)
     rows = flatten_pixels(embeddings)
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(rows.device)
+    if formulation == "paper":
+        plan = PaperPlan(
+            sets=sets,
+            weight=(1.0 - p_true) * sets.valid,
+            target=target,
+            num_images=b,
+            tau=tau,
+            momentum=momentum,
+            fn_term=fn_term,
+            fp_term=fp_term,
+            group=group,
+            members=None if not update else sets.correct if source == "tp" else sets.valid,
+        )
+        loss_fn, loss_fp, prototypes, updated = fused_paper_loss(rows, prototypes, plan)
+    else:
+        loss_fn, loss_fp, prototypes, updated = _official_loss(
+            rows,
+            sets,
+            labels,
+            prototypes,
+            p_true,
+            target,
+            (b, h, w),
+            tau=tau,
+            momentum=momentum,
+            scale=scale,
+            ignore_index=ignore_index,
+            fn_term=fn_term,
+            fp_term=fp_term,
+            source=source,
+            update=update,
+            group=group,
+        )
+    codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
+    confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
+    tp, fn, fp = class_stats(confusion)
+    return RCHLossOutput(loss_fn + loss_fp, loss_fn, loss_fp, prototypes, updated, tp, fn, fp)
+
+
+def _official_loss(
+    rows: Tensor,
+    sets: PixelSets,
+    labels: Tensor,
+    prototypes: Tensor,
+    p_true: Tensor,
+    target: Tensor,
+    shape: tuple[int, int, int],
+    *,
+    tau: float,
+    momentum: float | Tensor,
+    scale: float,
+    ignore_index: int,
+    fn_term: bool,
+    fp_term: bool,
+    source: PrototypeSource,
+    update: bool,
+    group: dist.ProcessGroup | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Spec section 4, composed from the pure functions and differentiated by autograd."""
+    k = prototypes.shape[0]
     units = unit(rows)
     if update:
         prototypes, updated = _update_prototypes(rows, sets, prototypes, momentum, source, group)
@@ -300,9 +353,9 @@ def _rch_loss(
         rows,
         units,
         sets,
-        num_images=b,
+        num_images=shape[0],
         num_classes=k,
-        formulation=formulation,
+        formulation="official",
         fn_term=fn_term,
         fp_term=fp_term,
     )
@@ -310,17 +363,9 @@ def _rch_loss(
     weight = (1.0 - p_true) * scale
     losses: list[Tensor] = []
     for term in (phi, psi):
-        if term is None and losses and fn_term is fp_term:  # both plain: same logits
+        if term is None and losses and not fn_term:  # both terms off: the same logits
             losses.append(losses[0])
             continue
         z = margin_logits(cosines, target, None if term is None else weight * term, tau)
-        if formulation == "paper":
-            losses.append(_mean_ce(z, sets))
-        else:
-            losses.append(_mean_ce_at_labels(z, (b, h, w), labels, ignore_index))
-    codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
-    confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
-    tp, fn, fp = class_stats(confusion)
-    return RCHLossOutput(
-        losses[0] + losses[1], losses[0], losses[1], prototypes, updated, tp, fn, fp
-    )
+        losses.append(_mean_ce_at_labels(z, shape, labels, ignore_index))
+    return losses[0], losses[1], prototypes, updated

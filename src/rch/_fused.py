@@ -1,0 +1,286 @@
+"""The paper formulation as one autograd Function with a hand-written backward pass.
+
+Same mathematics as the composable path (:func:`rch.loss.calibration_terms` +
+:func:`rch.prototypes.ema_update` + cross-entropy), checked against it and against the
+naive per-pixel loop in the tests. What it saves is memory traffic: on the CPU every fresh
+``(N, D)`` tensor costs a page-faulting allocation that is several times dearer than the
+arithmetic done on it, and autograd's generic backward of the normalisation, the gathers
+and the products allocates about ten of them. Here one scratch buffer is reused for every
+gather, dot products go through batched matmuls, and the normalisation backward runs in
+place, so the whole step needs three ``(N, D)`` buffers beyond its input and gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from .distributed import world_size
+from .loss import EPS
+from .stats import PixelSets
+
+__all__ = ["PaperPlan", "fused_paper_loss"]
+
+
+@dataclass
+class PaperPlan:
+    """Everything about one step that carries no gradient."""
+
+    sets: PixelSets
+    weight: Tensor  # (N,) 1 - p_true, zero where the pixel is ignored
+    target: Tensor  # (N,) true class, clamped into [0, K) for ignored pixels
+    num_images: int
+    tau: float
+    momentum: float | Tensor
+    members: Tensor | None  # (N,) bool pixels that feed the EMA; None: no update
+    fn_term: bool
+    fp_term: bool
+    group: dist.ProcessGroup | None
+
+
+CHUNK_BYTES = 1 << 21
+"""Gathers run over blocks of rows whose scratch buffer fits in a core's cache."""
+
+
+class _Blocks:
+    """Row blocks of an ``(N, D)`` tensor and one cache-sized scratch buffer reused by all.
+
+    A gather ``table[index]`` is written block by block into the buffer and consumed at
+    once, so no ``(N, D)`` temporary is ever allocated and the gathered rows never leave
+    the cache.
+    """
+
+    def __init__(self, like: Tensor) -> None:
+        n, d = like.shape
+        self.size = max(64, CHUNK_BYTES // max(1, d * like.element_size()))
+        self.slices = [slice(i, min(i + self.size, n)) for i in range(0, n, self.size)]
+        self.buffer = like.new_empty(min(self.size, max(n, 1)), d)
+
+    def gather(self, table: Tensor, index: Tensor, part: slice) -> Tensor:
+        rows = self.buffer[: part.stop - part.start]
+        return torch.index_select(table, 0, index[part], out=rows)
+
+
+def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product of two cache-sized ``(n, D)`` blocks."""
+    out: Tensor = torch.linalg.vecdot(a, b)
+    return out
+
+
+def _normalize_backward(grad: Tensor, x: Tensor, units: Tensor, denom: Tensor) -> Tensor:
+    """Gradient through ``u = x / (|x| + eps)`` for small ``(K, D)`` tensors."""
+    norm = denom - EPS
+    scale = torch.where(norm > 0, denom / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    along = (units * grad).sum(1, keepdim=True) * scale
+    return (grad - units * along) / denom
+
+
+class _PaperLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, rows: Tensor, prototypes: Tensor, plan: PaperPlan
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sets, k = plan.sets, prototypes.shape[0]
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        denom = (norms + EPS).unsqueeze(1)
+        units = rows / denom
+        protos, present, counts = prototypes.clone(), None, None
+        if plan.members is not None:
+            index = torch.where(plan.members, sets.label, k)
+            sums = rows.new_zeros(k + 1, rows.shape[1]).index_add_(0, index, rows)[:k]
+            counts = torch.bincount(index, minlength=k + 1)[:k].to(rows.dtype)
+            if world_size(plan.group) > 1:
+                pooled = torch.cat([sums, counts.unsqueeze(1)], 1)
+                dist.all_reduce(pooled, group=plan.group)
+                sums, counts = pooled[:, :-1], pooled[:, -1].round()
+            present = counts > 0
+            rho = plan.momentum
+            if isinstance(rho, Tensor):
+                rho = rho.to(rows.dtype).unsqueeze(1)
+            moved = rho * prototypes + (1 - rho) * sums / counts.clamp_min(1).unsqueeze(1)
+            protos = torch.where(present.unsqueeze(1), moved, prototypes)
+        proto_denom = (torch.linalg.vector_norm(protos, dim=1) + EPS).unsqueeze(1)
+        proto_units = protos / proto_denom
+        cosines = units @ proto_units.T
+
+        bins = plan.num_images * k
+        anchor = torch.where(sets.valid, sets.image * k + sets.label, bins)
+        # each misclassified pixel is an FN of (image, label) and an FP of (image, prediction);
+        # every other pixel goes to the spare bin, which is emptied afterwards
+        errors = {
+            name: torch.where(sets.wrong, sets.image * k + cls, bins)
+            for name, on, cls in (("fn", plan.fn_term, sets.label), ("fp", plan.fp_term, sets.pred))
+            if on
+        }
+        blocks = _Blocks(units)
+        centre_sums = {name: units.new_zeros(bins + 1, units.shape[1]) for name in errors}
+        for part in blocks.slices if errors else ():
+            for name, index in errors.items():
+                centre_sums[name].index_add_(0, index[part], units[part])
+        tables: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        for name, index in errors.items():
+            size = torch.bincount(index, minlength=bins + 1).to(units.dtype)
+            size[bins] = 0
+            table = centre_sums[name].div_(size.clamp_min(1).unsqueeze(1))
+            table[bins] = 0
+            tables[name] = (table, size, index, size[anchor] > 0)
+        dots = {name: units.new_empty(units.shape[0]) for name in tables}
+        if tables:
+            for part in blocks.slices:
+                for name, (table, _, _, _) in tables.items():
+                    dots[name][part] = _dot_rows(units[part], blocks.gather(table, anchor, part))
+        margins: dict[str, Tensor | None] = {"fn": None, "fp": None}
+        for name, (_, _, _, has) in tables.items():
+            sign = -1.0 if name == "fn" else 1.0
+            margins[name] = plan.weight * torch.where(has, 1.0 + sign * dots[name], 0.0)
+
+        # Both cross-entropies from one exponential: the margins only lower the true-class
+        # logit (m >= 0), so with E = exp(cos / tau - max) and S_other the sum of E off the
+        # true class, lse(z) = max + log(S_other + E_y exp(-m)).
+        logits = cosines.div_(plan.tau)
+        true_logit = logits.gather(1, plan.target[:, None]).squeeze(1)
+        peak = logits.amax(1)
+        exps = logits.sub_(peak[:, None]).exp_()
+        exp_true = exps.gather(1, plan.target[:, None]).squeeze(1)
+        exp_other = (exps.sum(1) - exp_true).clamp_min(0)
+        valid = sets.valid
+        n_valid = int(valid.sum())
+        losses, totals = [], []
+        for name in ("fn", "fp"):
+            margin = margins[name]
+            shifted = exp_true if margin is None else exp_true * torch.exp(-margin)
+            total = exp_other + shifted
+            nll = torch.log(total) - (true_logit - peak)
+            if margin is not None:
+                nll = nll + margin
+            losses.append(torch.where(valid, nll, 0.0).sum() / max(n_valid, 1))
+            totals.append(total)
+        ctx.plan = plan  # type: ignore[attr-defined]
+        ctx.tables = tables  # type: ignore[attr-defined]
+        ctx.n_valid = n_valid  # type: ignore[attr-defined]
+        ctx.save_for_backward(
+            units,
+            norms,
+            protos,
+            proto_units,
+            proto_denom,
+            anchor,
+            exps,
+            exp_true,
+            totals[0],
+            totals[1],
+            margins["fn"] if margins["fn"] is not None else torch.empty(0),
+            margins["fp"] if margins["fp"] is not None else torch.empty(0),
+            present if present is not None else torch.empty(0),
+            counts if counts is not None else torch.empty(0),
+        )
+        updated = present if present is not None else torch.zeros(k, dtype=torch.bool)
+        ctx.mark_non_differentiable(updated)
+        return losses[0], losses[1], protos, updated
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, g_fn: Tensor, g_fp: Tensor, g_protos: Tensor, _g_updated: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        (
+            units,
+            norms,
+            protos,
+            proto_units,
+            proto_denom,
+            anchor,
+            exps,
+            exp_true,
+            total_fn,
+            total_fp,
+            margin_fn,
+            margin_fp,
+            present,
+            counts,
+        ) = ctx.saved_tensors
+        plan: PaperPlan = ctx.plan
+        sets, target, k = plan.sets, plan.target[:, None], protos.shape[0]
+        weight = sets.valid.to(units.dtype) / max(ctx.n_valid, 1)
+        # d CE / d z = softmax(z) - onehot: off the true class E / total, on it q - 1
+        d_true = []
+        row_scale = torch.zeros_like(weight)
+        for g, total, margin in ((g_fn, total_fn, margin_fn), (g_fp, total_fp, margin_fp)):
+            c = weight * g
+            q = exp_true / total if margin.numel() == 0 else exp_true * torch.exp(-margin) / total
+            d_true.append(c * (q - 1))
+            row_scale += c / total
+        d_cos = exps * (row_scale / plan.tau).unsqueeze(1)
+        d_cos.scatter_(1, target, ((d_true[0] + d_true[1]) / plan.tau).unsqueeze(1))
+        d_units = d_cos @ proto_units
+        d_proto_units = d_cos.T @ units
+        # pass 1, block by block: the gathered FN/FP centres into dU, and the weighted sums
+        # of anchors that flow back into the pixels that formed each centre
+        live = []
+        for i, name in enumerate(("fn", "fp")):
+            if name in ctx.tables:
+                table, size, errors, has = ctx.tables[name]
+                sign = -1.0 if name == "fn" else 1.0
+                # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
+                d_dot = torch.where(has, -plan.weight * sign * d_true[i], 0.0)
+                live.append((table, size, errors, d_dot, units.new_zeros(table.shape)))
+        blocks = _Blocks(units)
+        if live:
+            for part in blocks.slices:
+                u, du, where = units[part], d_units[part], anchor[part]
+                for table, _, _, d_dot, back in live:
+                    du.addcmul_(blocks.gather(table, anchor, part), d_dot[part].unsqueeze(1))
+                    rows = blocks.buffer[: part.stop - part.start]
+                    back.index_add_(0, where, torch.mul(u, d_dot[part].unsqueeze(1), out=rows))
+        for _, size, _, _, back in live:
+            back /= size.clamp_min(1).unsqueeze(1)  # the spare bin has size 0 and stays 0
+        d_protos = _normalize_backward(d_proto_units, protos, proto_units, proto_denom)
+        d_protos = d_protos + g_protos
+        d_prototypes, padded, members = d_protos, None, None
+        if plan.members is not None:
+            rho = plan.momentum
+            if isinstance(rho, Tensor):
+                rho = rho.to(units.dtype).unsqueeze(1)
+            mask = present.unsqueeze(1)
+            d_sums = torch.where(mask, d_protos * (1 - rho) / counts.clamp_min(1).unsqueeze(1), 0.0)
+            if world_size(plan.group) > 1:
+                dist.all_reduce(d_sums, group=plan.group)
+            d_prototypes = torch.where(mask, 0.0, d_protos)  # old prototypes enter detached
+            members = torch.where(plan.members, sets.label, k)
+            padded = torch.cat([d_sums, d_sums.new_zeros(1, d_sums.shape[1])])
+        # pass 2, in place: through the unit normalisation, dR = (dU - U (U.dU) s/|R|) / s,
+        # plus the gradient of the TP sums that formed the prototypes
+        denom = (norms + EPS).unsqueeze(1)
+        ratio = torch.where(
+            norms > 0, denom[:, 0] / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0
+        )
+        for part in blocks.slices:
+            u, du = units[part], d_units[part]
+            for _, _, errors, _, back in live:  # into the pixels that formed each centre
+                du += blocks.gather(back, errors, part)
+            du.addcmul_(u, (_dot_rows(u, du) * ratio[part]).unsqueeze(1), value=-1.0)
+            du.div_(denom[part])
+            if padded is not None and members is not None:
+                du += blocks.gather(padded, members, part)
+        d_rows = d_units
+        need_rows, need_protos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (d_rows if need_rows else None), (d_prototypes if need_protos else None), None
+
+
+def fused_paper_loss(
+    rows: Tensor, prototypes: Tensor, plan: PaperPlan
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss_fn, loss_fp, prototypes, updated)`` of the paper formulation for flat pixels.
+
+    Args:
+        rows: ``(N, D)`` raw embeddings.
+        prototypes: ``(K, D)`` prototypes before the step.
+        plan: the non-differentiable description of the step.
+    """
+    loss_fn, loss_fp, protos, updated = _PaperLoss.apply(rows, prototypes, plan)
+    return loss_fn, loss_fp, protos, updated.to(rows.device)
