@@ -151,6 +151,14 @@ def test_wrong_feature_channels_named():
         head(feats, logits, labels)
 
 
+def test_nan_features_named():
+    head = RCHHead(6, 4, embed_dim=5)
+    feats, logits, labels = _inputs()
+    feats[1, 2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"features contains 1 non-finite value\(s\) \(NaN\)"):
+        head(feats, logits, labels)
+
+
 def test_head_moves_with_to_and_keeps_dtype():
     head = RCHHead(6, 4, embed_dim=5).double()
     assert head.prototypes.dtype == torch.float64

@@ -9,7 +9,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validation import check_option, check_positive, check_probability, check_tensor
+from ._validation import (
+    check_finite,
+    check_option,
+    check_positive,
+    check_probability,
+    check_tensor,
+)
 from .errors import RCHError
 from .functional import PROTOTYPE_SOURCES, PrototypeSource, RCHLossOutput, rch_loss
 from .loss import Formulation
@@ -174,6 +180,7 @@ class RCHHead(nn.Module):
                 f"features have {features.shape[1]} channels (shape {tuple(features.shape)}) "
                 f"but this RCHHead was built with in_channels={self.in_channels}."
             )
+        check_finite("features", features)
         out: Tensor = self.projection(features)
         return out
 
