@@ -25,6 +25,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .distributed import world_size
 from .loss import EPS
+from .prototypes import ema_update
 from .stats import PixelSets
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
@@ -104,11 +105,7 @@ class _PaperLoss(torch.autograd.Function):
                 dist.all_reduce(pooled, group=plan.group)
                 sums, counts = pooled[:, :-1], pooled[:, -1].round()
             present = counts > 0
-            rho = plan.momentum
-            if isinstance(rho, Tensor):
-                rho = rho.to(rows.dtype).unsqueeze(1)
-            moved = rho * prototypes + (1 - rho) * sums / counts.clamp_min(1).unsqueeze(1)
-            protos = torch.where(present.unsqueeze(1), moved, prototypes)
+            protos = ema_update(prototypes, sums, counts, plan.momentum)
         proto_denom = (torch.linalg.vector_norm(protos, dim=1) + EPS).unsqueeze(1)
         proto_units = protos / proto_denom
         cosines = units @ proto_units.T
