@@ -68,6 +68,22 @@ class RCHLossOutput:
     fp_count: Tensor
 
 
+@dataclass(frozen=True)
+class _Step:
+    """The options of one call, checked and resolved (``scale`` is ``alpha / tau``)."""
+
+    formulation: Formulation
+    tau: float
+    momentum: float | Tensor
+    scale: float
+    ignore_index: int
+    fn_term: bool
+    fp_term: bool
+    source: PrototypeSource
+    update: bool
+    group: dist.ProcessGroup | None
+
+
 def _validate(
     embeddings: Tensor,
     seg_logits: Tensor,
@@ -239,14 +255,10 @@ def rch_loss(
         )
     dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        return _rch_loss(
-            embeddings.to(dtype),
-            seg_logits.detach().to(dtype),
-            labels.to(torch.int64),
-            prototypes.to(dtype),
+        step = _Step(
             formulation=formulation,
             tau=tau,
-            momentum=momentum,
+            momentum=momentum.to(embeddings.device) if isinstance(momentum, Tensor) else momentum,
             scale=1.0 if alpha is None else alpha / tau,
             ignore_index=ignore_index,
             fn_term=fn_term,
@@ -255,6 +267,13 @@ def rch_loss(
             update=update_prototypes,
             group=process_group,
         )
+        return _rch_loss(
+            embeddings.to(dtype),
+            seg_logits.detach().to(dtype),
+            labels.to(torch.int64),
+            prototypes.to(dtype),
+            step,
+        )
 
 
 def _rch_loss(
@@ -262,60 +281,37 @@ def _rch_loss(
     seg_logits: Tensor,
     labels: Tensor,
     prototypes: Tensor,
-    *,
-    formulation: Formulation,
-    tau: float,
-    momentum: float | Tensor,
-    scale: float,
-    ignore_index: int,
-    fn_term: bool,
-    fp_term: bool,
-    source: PrototypeSource,
-    update: bool,
-    group: dist.ProcessGroup | None,
+    step: _Step,
 ) -> RCHLossOutput:
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w))
-    sets = pixel_sets(small_labels, logits.max(1).indices, k, ignore_index)
+    sets = pixel_sets(small_labels, logits.max(1).indices, k, step.ignore_index)
     target = sets.label.clamp_max(k - 1)  # any class for ignored pixels: their margin is 0
     p_true = logits.softmax(1).gather(1, target.view(b, 1, h, w)).reshape(-1)
     rows = flatten_pixels(embeddings)
-    if isinstance(momentum, Tensor):
-        momentum = momentum.to(rows.device)
-    if formulation == "paper":
+    if step.formulation == "paper":
         plan = PaperPlan(
             sets=sets,
             weight=(1.0 - p_true) * sets.valid,
             target=target,
             num_images=b,
-            tau=tau,
-            momentum=momentum,
-            fn_term=fn_term,
-            fp_term=fp_term,
-            group=group,
-            members=None if not update else sets.correct if source == "tp" else sets.valid,
+            tau=step.tau,
+            momentum=step.momentum,
+            fn_term=step.fn_term,
+            fp_term=step.fp_term,
+            group=step.group,
+            members=None
+            if not step.update
+            else sets.correct
+            if step.source == "tp"
+            else sets.valid,
         )
         loss_fn, loss_fp, prototypes, updated = fused_paper_loss(rows, prototypes, plan)
     else:
         loss_fn, loss_fp, prototypes, updated = _official_loss(
-            rows,
-            sets,
-            labels,
-            prototypes,
-            p_true,
-            target,
-            (b, h, w),
-            tau=tau,
-            momentum=momentum,
-            scale=scale,
-            ignore_index=ignore_index,
-            fn_term=fn_term,
-            fp_term=fp_term,
-            source=source,
-            update=update,
-            group=group,
+            rows, sets, labels, prototypes, p_true, target, (b, h, w), step
         )
     codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
     confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
@@ -331,22 +327,15 @@ def _official_loss(
     p_true: Tensor,
     target: Tensor,
     shape: tuple[int, int, int],
-    *,
-    tau: float,
-    momentum: float | Tensor,
-    scale: float,
-    ignore_index: int,
-    fn_term: bool,
-    fp_term: bool,
-    source: PrototypeSource,
-    update: bool,
-    group: dist.ProcessGroup | None,
+    step: _Step,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Spec section 4, composed from the pure functions and differentiated by autograd."""
     k = prototypes.shape[0]
     units = unit(rows)
-    if update:
-        prototypes, updated = _update_prototypes(rows, sets, prototypes, momentum, source, group)
+    if step.update:
+        prototypes, updated = _update_prototypes(
+            rows, sets, prototypes, step.momentum, step.source, step.group
+        )
     else:
         updated = torch.zeros(k, dtype=torch.bool, device=prototypes.device)
     phi, psi = calibration_terms(
@@ -356,16 +345,16 @@ def _official_loss(
         num_images=shape[0],
         num_classes=k,
         formulation="official",
-        fn_term=fn_term,
-        fp_term=fp_term,
+        fn_term=step.fn_term,
+        fp_term=step.fp_term,
     )
     cosines = units @ unit(prototypes).T
-    weight = (1.0 - p_true) * scale
+    weight = (1.0 - p_true) * step.scale
     losses: list[Tensor] = []
     for term in (phi, psi):
-        if term is None and losses and not fn_term:  # both terms off: the same logits
+        if term is None and losses and not step.fn_term:  # both terms off: the same logits
             losses.append(losses[0])
             continue
-        z = margin_logits(cosines, target, None if term is None else weight * term, tau)
-        losses.append(_mean_ce_at_labels(z, shape, labels, ignore_index))
+        z = margin_logits(cosines, target, None if term is None else weight * term, step.tau)
+        losses.append(_mean_ce_at_labels(z, shape, labels, step.ignore_index))
     return losses[0], losses[1], prototypes, updated
