@@ -120,10 +120,13 @@ class _PaperLoss(torch.autograd.Function):
             if on
         }
         blocks = _Blocks(units)
+        wrong = sets.wrong.nonzero().squeeze(1)
         centre_sums = {name: units.new_zeros(bins + 1, units.shape[1]) for name in errors}
-        for part in blocks.slices if errors else ():
+        for start in range(0, wrong.shape[0], blocks.size) if errors else ():
+            rows_at = wrong[start : start + blocks.size]
+            block = blocks.gather(units, rows_at, slice(0, rows_at.shape[0]))
             for name, index in errors.items():
-                centre_sums[name].index_add_(0, index[part], units[part])
+                centre_sums[name].index_add_(0, index[rows_at], block)
         tables: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for name, index in errors.items():
             size = torch.bincount(index, minlength=bins + 1).to(units.dtype)
@@ -166,6 +169,7 @@ class _PaperLoss(torch.autograd.Function):
         ctx.tables = tables  # type: ignore[attr-defined]
         ctx.n_valid = n_valid  # type: ignore[attr-defined]
         ctx.save_for_backward(
+            wrong,
             units,
             norms,
             protos,
@@ -191,6 +195,7 @@ class _PaperLoss(torch.autograd.Function):
         ctx: Any, g_fn: Tensor, g_fp: Tensor, g_protos: Tensor, _g_updated: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, None]:
         (
+            wrong,
             units,
             norms,
             protos,
@@ -241,6 +246,14 @@ class _PaperLoss(torch.autograd.Function):
                     back.index_add_(0, where, torch.mul(u, d_dot[part].unsqueeze(1), out=rows))
         for _, size, _, _, back in live:
             back /= size.clamp_min(1).unsqueeze(1)  # the spare bin has size 0 and stays 0
+        # the centres' own gradient, into the misclassified pixels that formed them
+        for start in range(0, wrong.shape[0] if live else 0, blocks.size):
+            rows_at = wrong[start : start + blocks.size]
+            first = slice(0, rows_at.shape[0])
+            block = blocks.gather(live[0][4], live[0][2][rows_at], first)
+            for _, _, errors, _, back in live[1:]:
+                block += back.index_select(0, errors[rows_at])
+            d_units.index_add_(0, rows_at, block)
         d_protos = _normalize_backward(d_proto_units, protos, proto_units, proto_denom)
         d_protos = d_protos + g_protos
         d_prototypes, padded, members = d_protos, None, None
@@ -263,8 +276,6 @@ class _PaperLoss(torch.autograd.Function):
         )
         for part in blocks.slices:
             u, du = units[part], d_units[part]
-            for _, _, errors, _, back in live:  # into the pixels that formed each centre
-                du += blocks.gather(back, errors, part)
             du.addcmul_(u, (_dot_rows(u, du) * ratio[part]).unsqueeze(1), value=-1.0)
             du.div_(denom[part])
             if padded is not None and members is not None:
