@@ -39,6 +39,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             (out.prototypes.flatten() * probe).sum(), emb, retain_graph=True
         )
         out.loss.backward()
+        official = rch_loss(
+            emb.detach().clone().requires_grad_(True),
+            c.seg_logits[part],
+            c.labels[part],
+            c.prototypes,
+            formulation="official",
+        )
+        official.loss.backward()
         # the head: identical buffers on both ranks after two steps
         torch.manual_seed(0)
         head = RCHHead(6, 5, embed_dim=4).double()
@@ -53,6 +61,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 "grad": emb.grad,
                 "head_prototypes": head.prototypes.clone(),
                 "head_step": int(head.step),
+                "official_prototypes": official.prototypes.detach(),
+                "official_loss": official.loss.detach(),
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
