@@ -113,7 +113,7 @@ class _PaperLoss(torch.autograd.Function):
         bins = plan.num_images * k
         anchor = torch.where(sets.valid, sets.image * k + sets.label, bins)
         # each misclassified pixel is an FN of (image, label) and an FP of (image, prediction);
-        # every other pixel goes to the spare bin, which is emptied afterwards
+        # every other pixel is indexed to the spare bin, whose count is zeroed below
         errors = {
             name: torch.where(sets.wrong, sets.image * k + cls, bins)
             for name, on, cls in (("fn", plan.fn_term, sets.label), ("fp", plan.fp_term, sets.pred))
@@ -239,11 +239,11 @@ class _PaperLoss(torch.autograd.Function):
         blocks = _Blocks(units)
         if live:
             for part in blocks.slices:
-                u, du, where = units[part], d_units[part], anchor[part]
+                u, du, bins_at = units[part], d_units[part], anchor[part]
                 for table, _, _, d_dot, back in live:
                     du.addcmul_(blocks.gather(table, anchor, part), d_dot[part].unsqueeze(1))
                     rows = blocks.buffer[: part.stop - part.start]
-                    back.index_add_(0, where, torch.mul(u, d_dot[part].unsqueeze(1), out=rows))
+                    back.index_add_(0, bins_at, torch.mul(u, d_dot[part].unsqueeze(1), out=rows))
         for _, size, _, _, back in live:
             back /= size.clamp_min(1).unsqueeze(1)  # the spare bin has size 0 and stays 0
         # the centres' own gradient, into the misclassified pixels that formed them

@@ -118,7 +118,7 @@ class RCHHead(nn.Module):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}.")
-        check_option("formulation", formulation, ("paper", "official"))
+        check_option("formulation", formulation, FORMULATIONS)
         check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
         check_option("prototypes", prototypes, ("ema", "learned"))
         check_option("prototype_init", prototype_init, ("randn", "first"))
