@@ -17,7 +17,7 @@ from ._validation import (
     check_tensor,
 )
 from .errors import RCHError
-from .functional import PROTOTYPE_SOURCES, PrototypeSource, RCHLossOutput, rch_loss
+from .functional import FORMULATIONS, PROTOTYPE_SOURCES, PrototypeSource, RCHLossOutput, rch_loss
 from .loss import Formulation
 
 __all__ = ["PrototypeInit", "PrototypeMode", "RCHHead", "RCHHeadOutput"]
