@@ -10,9 +10,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import Tensor
 
 DEVICE = torch.device(os.environ.get("RCH_TEST_DEVICE", "cpu"))
+
+# CI replays the same examples every run; local runs keep exploring new ones
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @dataclass
