@@ -26,7 +26,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from .distributed import world_size
 from .loss import EPS
 from .prototypes import ema_update
-from .stats import PixelSets
+from .stats import PixelSets, segment_sum
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
 
@@ -78,12 +78,16 @@ def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def _normalize_backward(grad: Tensor, x: Tensor, units: Tensor, denom: Tensor) -> Tensor:
-    """Gradient through ``u = x / (|x| + eps)`` for small ``(K, D)`` tensors."""
-    norm = denom - EPS
-    scale = torch.where(norm > 0, denom / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
-    along = (units * grad).sum(1, keepdim=True) * scale
-    return (grad - units * along) / denom
+def _unit_backward_(grad: Tensor, units: Tensor, norms: Tensor) -> Tensor:
+    """Gradient through ``u = x / (|x| + eps)``, computed in place in ``grad`` and returned.
+
+    ``dx = (du - u (u . du) s / |x|) / s`` with ``s = |x| + eps``; for a zero row
+    (``u = 0``) it is ``du / s``.
+    """
+    denom = norms + EPS
+    ratio = torch.where(norms > 0, denom / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+    grad.addcmul_(units, (_dot_rows(units, grad) * ratio).unsqueeze(1), value=-1.0)
+    return grad.div_(denom.unsqueeze(1))
 
 
 class _PaperLoss(torch.autograd.Function):
@@ -96,18 +100,18 @@ class _PaperLoss(torch.autograd.Function):
         denom = (norms + EPS).unsqueeze(1)
         units = rows / denom
         protos, present, counts = prototypes.clone(), None, None
-        if plan.members is not None:
-            index = torch.where(plan.members, sets.label, k)
-            sums = rows.new_zeros(k + 1, rows.shape[1]).index_add_(0, index, rows)[:k]
-            counts = torch.bincount(index, minlength=k + 1)[:k].to(rows.dtype)
+        members = None if plan.members is None else torch.where(plan.members, sets.label, k)
+        if members is not None:
+            sums, int_counts = segment_sum(rows, members, k)
+            counts = int_counts.to(rows.dtype)
             if world_size(plan.group) > 1:
                 pooled = torch.cat([sums, counts.unsqueeze(1)], 1)
                 dist.all_reduce(pooled, group=plan.group)
                 sums, counts = pooled[:, :-1], pooled[:, -1].round()
             present = counts > 0
             protos = ema_update(prototypes, sums, counts, plan.momentum)
-        proto_denom = (torch.linalg.vector_norm(protos, dim=1) + EPS).unsqueeze(1)
-        proto_units = protos / proto_denom
+        proto_norms = torch.linalg.vector_norm(protos, dim=1)
+        proto_units = protos / (proto_norms + EPS).unsqueeze(1)
         cosines = units @ proto_units.T
 
         bins = plan.num_images * k
@@ -168,13 +172,13 @@ class _PaperLoss(torch.autograd.Function):
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.tables = tables  # type: ignore[attr-defined]
         ctx.n_valid = n_valid  # type: ignore[attr-defined]
+        ctx.members = members  # type: ignore[attr-defined]
         ctx.save_for_backward(
             wrong,
             units,
             norms,
-            protos,
             proto_units,
-            proto_denom,
+            proto_norms,
             anchor,
             exps,
             exp_true,
@@ -198,9 +202,8 @@ class _PaperLoss(torch.autograd.Function):
             wrong,
             units,
             norms,
-            protos,
             proto_units,
-            proto_denom,
+            proto_norms,
             anchor,
             exps,
             exp_true,
@@ -212,7 +215,7 @@ class _PaperLoss(torch.autograd.Function):
             counts,
         ) = ctx.saved_tensors
         plan: PaperPlan = ctx.plan
-        sets, target, k = plan.sets, plan.target[:, None], protos.shape[0]
+        sets, target = plan.sets, plan.target[:, None]
         weight = sets.valid.to(units.dtype) / max(ctx.n_valid, 1)
         # d CE / d z = softmax(z) - onehot: off the true class E / total, on it q - 1
         d_true = []
@@ -254,10 +257,10 @@ class _PaperLoss(torch.autograd.Function):
             for _, _, errors, _, back in live[1:]:
                 block += back.index_select(0, errors[rows_at])
             d_units.index_add_(0, rows_at, block)
-        d_protos = _normalize_backward(d_proto_units, protos, proto_units, proto_denom)
+        d_protos = _unit_backward_(d_proto_units, proto_units, proto_norms)
         d_protos = d_protos + g_protos
-        d_prototypes, padded, members = d_protos, None, None
-        if plan.members is not None:
+        d_prototypes, padded, members = d_protos, None, ctx.members
+        if members is not None:
             rho = plan.momentum
             if isinstance(rho, Tensor):
                 rho = rho.to(units.dtype).unsqueeze(1)
@@ -266,18 +269,11 @@ class _PaperLoss(torch.autograd.Function):
             if world_size(plan.group) > 1:
                 dist.all_reduce(d_sums, group=plan.group)
             d_prototypes = torch.where(mask, 0.0, d_protos)  # old prototypes enter detached
-            members = torch.where(plan.members, sets.label, k)
             padded = torch.cat([d_sums, d_sums.new_zeros(1, d_sums.shape[1])])
-        # pass 2, in place: through the unit normalisation, dR = (dU - U (U.dU) s/|R|) / s,
-        # plus the gradient of the TP sums that formed the prototypes
-        denom = (norms + EPS).unsqueeze(1)
-        ratio = torch.where(
-            norms > 0, denom[:, 0] / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0
-        )
+        # pass 2, in place: through the unit normalisation of the rows, plus the gradient of
+        # the TP sums that formed the prototypes
         for part in blocks.slices:
-            u, du = units[part], d_units[part]
-            du.addcmul_(u, (_dot_rows(u, du) * ratio[part]).unsqueeze(1), value=-1.0)
-            du.div_(denom[part])
+            du = _unit_backward_(d_units[part], units[part], norms[part])
             if padded is not None and members is not None:
                 du += blocks.gather(padded, members, part)
         d_rows = d_units

@@ -82,9 +82,8 @@ def check_finite(name: str, value: Tensor) -> None:
     scan runs only when that sum is not finite (a NaN/Inf, or an overflow of the sum).
     """
     with torch.no_grad():
-        if value.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(value.sum())):
-            return
-        if value.dtype not in (torch.float32, torch.float64) and bool(torch.isfinite(value).all()):
+        summary = value.sum() if value.dtype in (torch.float32, torch.float64) else value
+        if bool(torch.isfinite(summary).all()):
             return
         bad = ~torch.isfinite(value)
         count = int(bad.sum())

@@ -149,13 +149,12 @@ def _update_prototypes(
     rows: Tensor,
     sets: PixelSets,
     prototypes: Tensor,
+    members: Tensor,
     momentum: float | Tensor,
-    source: PrototypeSource,
     group: dist.ProcessGroup | None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-class sums over TP (or all labelled) pixels, summed over processes, then one EMA."""
+    """Per-class sums over the member pixels, summed over processes, then one EMA."""
     k, d = prototypes.shape
-    members = sets.correct if source == "tp" else sets.valid
     index = torch.where(members, sets.label, k)
     sums, counts = segment_sum(rows, index, k)
     pooled = all_reduce_sum(torch.cat([sums, counts.unsqueeze(1).to(sums.dtype)], 1), group)
@@ -291,6 +290,8 @@ def _rch_loss(
     target = sets.label.clamp_max(k - 1)  # any class for ignored pixels: their margin is 0
     p_true = logits.softmax(1).gather(1, target.view(b, 1, h, w)).reshape(-1)
     rows = flatten_pixels(embeddings)
+    # the pixels whose embeddings feed the EMA: TP (paper) or all labelled ("gt"); none in eval
+    members = None if not step.update else sets.correct if step.source == "tp" else sets.valid
     if step.formulation == "paper":
         plan = PaperPlan(
             sets=sets,
@@ -302,16 +303,12 @@ def _rch_loss(
             fn_term=step.fn_term,
             fp_term=step.fp_term,
             group=step.group,
-            members=None
-            if not step.update
-            else sets.correct
-            if step.source == "tp"
-            else sets.valid,
+            members=members,
         )
         loss_fn, loss_fp, prototypes, updated = fused_paper_loss(rows, prototypes, plan)
     else:
         loss_fn, loss_fp, prototypes, updated = _official_loss(
-            rows, sets, labels, prototypes, p_true, target, (b, h, w), step
+            rows, sets, labels, prototypes, p_true, target, members, (b, h, w), step
         )
     codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
     confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
@@ -326,15 +323,16 @@ def _official_loss(
     prototypes: Tensor,
     p_true: Tensor,
     target: Tensor,
+    members: Tensor | None,
     shape: tuple[int, int, int],
     step: _Step,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Spec section 4, composed from the pure functions and differentiated by autograd."""
     k = prototypes.shape[0]
     units = unit(rows)
-    if step.update:
+    if members is not None:
         prototypes, updated = _update_prototypes(
-            rows, sets, prototypes, step.momentum, step.source, step.group
+            rows, sets, prototypes, members, step.momentum, step.group
         )
     else:
         updated = torch.zeros(k, dtype=torch.bool, device=prototypes.device)
