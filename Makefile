@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,models]"
+	$(PY) -m pip install --quiet -e ".[dev,models,train]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

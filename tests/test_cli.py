@@ -1,47 +1,96 @@
-"""The command line and the demo it runs."""
+"""The command line: every subcommand, its outputs, and its one-line errors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from rch.cli import main
-from rch.demo import TinySegNet, make_toy_batch
+from rch.models import build_model
+from rch.train import load_checkpoint
+
+from .train.helpers import tiny_config
 
 
-def test_demo_trains_both_runs_and_prints_tables(capsys):
-    assert main(["demo", "--steps", "4"]) == 0
+def _write_config(tmp_path, iters: int = 2):
+    cfg = tiny_config(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: cli\nmodel: {name: tiny, options: {width: 8}}\n"
+        f"data: {{name: synthetic, root: '{cfg.data.root}', crop_size: [32, 48],"
+        " options: {train: 12, val: 3, height: 32, width: 48}}\n"
+        "rch: {embed_dim: 8}\nloss: {ohem_min_kept: 500}\n"
+        f"train: {{iters: {iters}, batch_size: 2, out_dir: '{tmp_path / 'runs'}'}}\n"
+    )
+    return path
+
+
+def test_train_eval_export_round_trip(tmp_path, capsys):
+    config = _write_config(tmp_path)
+    assert main(["train", str(config), "--set", "rch.tau=0.25", "--no-progress"]) == 0
+    run = tmp_path / "runs" / "cli"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["rch"]["tau"] == 0.25
+    assert main(["eval", str(run), "--mode", "slide", "--crop", "16,16", "--stride", "8,8",
+                 "--scales", "0.75", "1", "--flip", "--no-progress"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "training baseline for 4 steps" in out and "training RCH for 4 steps" in out
-    assert "RCH:rch" in out and "mIoU" in out
+    assert "mean" in out and "aAcc" in out
+    written = json.loads((run / "eval-val.json").read_text())
+    assert written["inference"]["mode"] == "slide" and written["inference"]["flip"] is True
+    assert len(written["IoU"]) == 10 and len(written["confusion"]) == 10
+    assert main(["export", str(run), str(tmp_path / "m.pt")]) == 0
+    exported = load_checkpoint(tmp_path / "m.pt")["state_dict"]
+    assert list(exported) == list(build_model("tiny", 10, width=8).model.state_dict())
 
 
-def test_demo_rejects_bad_steps():
-    with pytest.raises(SystemExit, match="--steps must be >= 1"):
-        main(["demo", "--steps", "0"])
-
-
-def test_unknown_command_exits_with_usage():
+def test_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    config = _write_config(tmp_path)
+    assert main(["train", str(config), "--set", "rch.tua=1"]) == 2
+    assert "unknown config key 'rch.tua'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "data.name=kitti"]) == 2
+    assert "unknown dataset 'kitti'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["trian"])
 
 
-def test_toy_data_is_deterministic_and_labelled():
-    a = make_toy_batch(torch.Generator().manual_seed(3), 2, size=32)
-    b = make_toy_batch(torch.Generator().manual_seed(3), 2, size=32)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert set(torch.unique(a[1]).tolist()) <= set(range(7)) and len(torch.unique(a[1])) > 1
-    assert TinySegNet()(a[0]).shape == (2, 7, 32, 32)
+def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
+    config = _write_config(tmp_path)
+    args = ["ablate", str(config), "--rows", "baseline", "tp", "full", "--seeds", "0", "1",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for row in ("baseline", "tp", "full"):
+        assert any(line.startswith(row) for line in table.splitlines())
+    summary = json.loads((tmp_path / "runs" / "cli-ablation.json").read_text())
+    assert set(summary["mIoU"]) == {"baseline", "tp", "full"}
+    assert all(len(v) == 2 for v in summary["mIoU"].values())
+    cfg = load_checkpoint(tmp_path / "runs" / "cli-tp-s1" / "checkpoints" / "last.pt")["config"]
+    assert cfg["seed"] == 1 and cfg["rch"]["fn_term"] is False and cfg["rch"]["fp_term"] is False
+    stamp = (tmp_path / "runs" / "cli-full-s0" / "eval.json").stat().st_mtime_ns
+    assert main(args) == 0  # finished runs are reused
+    assert (tmp_path / "runs" / "cli-full-s0" / "eval.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_trains_both_and_prints_the_side_by_side_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RCH_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--iters", "3", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "d RCH" in out and "mIoU" in out and "ms/iter" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["iters"] == 3 and set(summary) >= {"baseline", "rch"}
+    with pytest.raises(SystemExit, match="--iters must be >= 1"):
+        main(["demo", "--iters", "0"])
 
 
 def test_import_rch_does_not_load_optional_stacks():
     code = (
         "import sys, rch\n"
-        "bad = [m for m in ('matplotlib', 'timm', 'segmentation_models_pytorch', 'torchvision')"
-        " if m in sys.modules]\n"
+        "bad = [m for m in ('matplotlib', 'timm', 'segmentation_models_pytorch', 'torchvision',"
+        " 'yaml', 'PIL') if m in sys.modules]\n"
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

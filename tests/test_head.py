@@ -165,3 +165,10 @@ def test_head_moves_with_to_and_keeps_dtype():
     c = make_case(seed=0, dim=6, classes=4)
     out = head(c.embeddings.detach(), c.seg_logits, c.labels)
     assert out.loss.dtype == torch.float64
+
+
+def test_head_accepts_a_bf16_feature_outside_autocast():
+    head = RCHHead(4, 3, embed_dim=5)
+    feature = torch.randn(2, 4, 6, 6).bfloat16()
+    out = head(feature, torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2, 6, 6)))
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32

@@ -1,31 +1,164 @@
-"""Command line: ``rch demo``. Thin: it parses into the arguments the Python API takes."""
+"""Command line: ``rch train | eval | export | demo | ablate``.
+
+Thin: each command parses into the arguments of the Python function that does the work
+(:func:`rch.train.train`, :func:`rch.train.evaluate_checkpoint`, ...).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import RCHError
 
 __all__ = ["main"]
+
+
+def _pair(text: str) -> tuple[int, int]:
+    parts = [int(v) for v in text.replace("x", ",").split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 512,1024), got {text!r}")
+    return parts[0], parts[1]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="train a small network with and without RCH on generated data"
+
+    p = sub.add_parser("train", help="train a network (with or without RCH) from a YAML config")
+    p.add_argument("config", help="YAML config file (configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set rch.tau=0.25 (repeatable)",
     )
-    demo.add_argument("--steps", type=int, default=150, help="training steps per run")
-    demo.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: per-class table and JSON")
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--split", default=None, help="split (default: the config's val split)")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None)
+    p.add_argument("--crop", type=_pair, default=None, help="sliding window H,W")
+    p.add_argument("--stride", type=_pair, default=None, help="sliding stride H,W")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="multi-scale inference, e.g. --scales 0.5 0.75 1 1.25 1.5 1.75",
+    )
+    p.add_argument("--flip", action="store_true", help="add horizontal flips")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="JSON file (default: RUN/eval-SPLIT.json)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("export", help="write the deployable network: RCH removed")
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("out", help="output file (.pt)")
+
+    p = sub.add_parser("demo", help="baseline vs RCH on generated data (or --data NAME:ROOT)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or NAME:ROOT, e.g. camvid:PATH")
+    p.add_argument("--iters", type=int, default=600, help="training iterations per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="where the runs are written")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("ablate", help="Table 1 rows (and --grid) of a config, one summary table")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--rows", nargs="+", default=None, help="subset of the Table 1 rows")
+    p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .eval import format_scores
+    from .train import evaluate_checkpoint, load_checkpoint, resolve_checkpoint
+    from .train.config import config_from_dict
+    from .train.trainer import inference_config
+
+    path = resolve_checkpoint(args.checkpoint)
+    infer = inference_config(config_from_dict(load_checkpoint(path)["config"]))
+    changes = {
+        k: v
+        for k, v in {
+            "mode": args.mode,
+            "crop": args.crop,
+            "stride": args.stride,
+            "scales": tuple(args.scales) if args.scales else None,
+        }.items()
+        if v is not None
+    }
+    if args.flip:
+        changes["flip"] = True
+    infer = replace(infer, **changes)
+    cfg, result = evaluate_checkpoint(
+        path, args.split, infer, args.device, args.limit, not args.no_progress
+    )
+    print(format_scores(result.scores, result.classes))
+    split = args.split or cfg.data.val_split
+    out = Path(args.out) if args.out else path.parent.parent / f"eval-{split}.json"
+    out.write_text(json.dumps({"inference": vars(infer), **result.to_dict()}, indent=1))
+    print(f"written: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .train import export_checkpoint
+
+    model = export_checkpoint(args.checkpoint, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"exported {type(model).__name__} ({n:,} parameters, no RCH) to {args.out}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .train import load_config
+    from .train.ablate import TABLE1, ablate, format_ablation
+
+    cfg = load_config(args.config, args.overrides)
+    results = ablate(
+        cfg, args.rows or tuple(TABLE1), args.grid, args.seeds, progress=not args.no_progress
+    )
+    print(format_ablation(results))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rch`` command."""
+    """Entry point of the ``rch`` command; errors are printed as one line, exit status 2."""
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        if args.steps < 1:
-            raise SystemExit("rch demo: --steps must be >= 1")
+        if args.iters < 1:
+            raise SystemExit("rch demo: --iters must be >= 1")
         from .demo import run_demo
 
-        run_demo(steps=args.steps, seed=args.seed)
-    return 0
+        run_demo(args.data, args.iters, args.seed, args.out, progress=not args.no_progress)
+        return 0
+    commands = {"train": _train, "eval": _eval, "export": _export, "ablate": _ablate}
+    try:
+        return commands[args.command](args)
+    except (KeyError, ValueError, TypeError, FileNotFoundError, RCHError) as exc:
+        print(f"rch {args.command}: error: {exc}", file=sys.stderr)
+        return 2

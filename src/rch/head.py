@@ -181,6 +181,10 @@ class RCHHead(nn.Module):
                 f"but this RCHHead was built with in_channels={self.in_channels}."
             )
         check_finite("features", features)
+        weight: Tensor = self.projection[0].weight  # type: ignore[assignment]
+        if features.dtype != weight.dtype and not torch.is_autocast_enabled(features.device.type):
+            # e.g. a bf16 feature from an autocast forward, with the loss asked for outside it
+            features = features.to(weight.dtype)
         out: Tensor = self.projection(features)
         return out
 

@@ -1,0 +1,88 @@
+"""Working with finished runs: rebuild a checkpoint's network, export it, evaluate it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import build_dataset
+from ..errors import RCHError
+from ..eval import EvalResult, InferenceConfig, evaluate
+from ..hooks import export
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, config_from_dict
+from .trainer import Network, build_network, inference_config
+
+__all__ = ["evaluate_checkpoint", "export_checkpoint", "load_network", "resolve_checkpoint"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its ``checkpoints/last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def load_network(path: str | Path) -> tuple[Config, Network, list[str]]:
+    """Rebuild the network of a training checkpoint (or run directory) with its weights.
+
+    Returns:
+        ``(config, network, class names)``.
+    """
+    state = load_checkpoint(resolve_checkpoint(path))
+    cfg = config_from_dict(state["config"])
+    d = cfg.data
+    classes = state.get("classes")
+    if classes is None:
+        dataset = build_dataset(d.name, d.root, d.val_split, d.ignore_index, **d.options)
+        classes = list(dataset.info.classes)
+    net = build_network(cfg, len(classes))
+    try:
+        net.module.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise RCHError(f"checkpoint {path} does not match its config's network: {exc}") from exc
+    net.module.eval()
+    return cfg, net, list(classes)
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> nn.Module:
+    """Write the deployable network of a checkpoint: RCH removed, a plain ``state_dict``
+    whose keys and values equal the baseline architecture's.
+
+    The file holds ``{"state_dict", "model", "num_classes", "classes"}`` (written atomically);
+    load it with ``rch.models.build_model(model["name"], num_classes, **model["options"])``.
+    """
+    cfg, net, classes = load_network(path)
+    model = export(net.module)
+    state = {
+        "state_dict": model.state_dict(),
+        "model": {"name": cfg.model.name, "options": cfg.model.options},
+        "num_classes": len(classes),
+        "classes": classes,
+    }
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(target, state)
+    return model
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    split: str | None = None,
+    infer: InferenceConfig | None = None,
+    device: str = "cpu",
+    limit: int | None = None,
+    progress: bool = True,
+) -> tuple[Config, EvalResult]:
+    """Evaluate a training checkpoint on its dataset's val split (or ``split``)."""
+    cfg, net, _ = load_network(path)
+    d = cfg.data
+    dataset = build_dataset(d.name, d.root, split or d.val_split, d.ignore_index, **d.options)
+    model = net.base.to(torch.device(device))
+    result = evaluate(model, dataset, infer or inference_config(cfg), device, None, progress, limit)
+    return cfg, result

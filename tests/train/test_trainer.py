@@ -1,0 +1,137 @@
+"""Training runs end to end, resumes exactly, exports the baseline, and reports clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rch.errors import RCHError
+from rch.models import build_model
+from rch.train import export_checkpoint, load_checkpoint, save_checkpoint, train
+from rch.train.config import apply_overrides
+from rch.train.logger import read_metrics
+
+from .helpers import tiny_config
+
+
+def test_a_run_writes_checkpoint_metrics_and_scores(tmp_path):
+    result = train(tiny_config(tmp_path), progress=False)
+    run = result.run_dir
+    assert result.iterations == 4 and result.eval is not None
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml", "metrics.jsonl", "eval.json", "cost.json", "checkpoints", "tensorboard",
+    }  # fmt: skip
+    train_logs = read_metrics(run, "train")
+    assert [r["iter"] for r in train_logs] == [1, 2, 3, 4]
+    assert all(r["rch"] > 0 and r["seg"] > 0 and "aux" in r for r in train_logs)
+    assert train_logs[0]["lr"] == pytest.approx(0.01)
+    val = read_metrics(run, "val")
+    assert len(val) == 1 and 0 <= val[0]["mIoU"] <= 1
+    scores = json.loads((run / "eval.json").read_text())
+    assert set(scores["IoU"]) == set(result.eval.classes)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["iter"] == 4 and int(state["model"]["head.step"]) == 4
+    with pytest.raises(RCHError, match="exists; pass resume"):
+        train(tiny_config(tmp_path), progress=False)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config(tmp_path, train={"iters": 6, "ckpt_every": 3})
+    full = train(apply_overrides(cfg, ["name=full"]), progress=False)
+    part = apply_overrides(cfg, ["name=part"])
+    stopped = train(part, progress=False, stop_after=3)
+    assert stopped.iterations == 3 and stopped.eval is None
+    resumed = train(part, resume=True, progress=False)
+    a = load_checkpoint(full.run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    strip = [{k: v for k, v in r.items() if k != "s_per_iter"} for r in read_metrics(full.run_dir)]
+    again = [
+        {k: v for k, v in r.items() if k != "s_per_iter"} for r in read_metrics(resumed.run_dir)
+    ]
+    assert strip == again
+    with pytest.raises(RCHError, match="no checkpoint"):
+        train(apply_overrides(cfg, ["name=never"]), resume=True, progress=False)
+
+
+def test_export_gives_the_baseline_state_dict(tmp_path):
+    result = train(tiny_config(tmp_path, train={"iters": 2}), progress=False)
+    model = export_checkpoint(result.run_dir, tmp_path / "deploy.pt")
+    saved = load_checkpoint(tmp_path / "deploy.pt")
+    fresh = build_model("tiny", 10, width=8).model
+    assert list(saved["state_dict"]) == list(fresh.state_dict())
+    fresh.load_state_dict(saved["state_dict"])
+    trained = result.network.base.eval()
+    fresh.eval()
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(fresh(x)["out"], trained(x)["out"])
+        assert torch.equal(model(x)["out"], trained(x)["out"])
+    assert saved["classes"][0] == "sky" and saved["model"]["name"] == "tiny"
+
+
+def test_checkpoints_are_atomic_and_corruption_is_reported(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"iter": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RCHError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    torch.save({"iter": 1}, path)
+    with pytest.raises(RCHError, match="not an rch training checkpoint"):
+        load_checkpoint(path)
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    # a BatchNorm-free model, no OHEM, no padding: 2 x batch 2 == 1 x batch 4
+    common = {
+        "model": {"name": "tests.models.user_net:make", "options": {"layer": "body"}},
+        "rch": {"enabled": False},
+        "loss": {"ohem": False},
+        "data": {"scales": [1.0], "flip": False},
+    }
+    a = train(tiny_config(tmp_path, name="a", **common, train={"iters": 1, "batch_size": 4}),
+              progress=False)  # fmt: skip
+    b = train(
+        tiny_config(
+            tmp_path, name="b", **common, train={"iters": 1, "batch_size": 2, "accum_steps": 2}
+        ),
+        progress=False,
+    )
+    for (name, p), q in zip(
+        a.network.module.named_parameters(), b.network.module.parameters(), strict=True
+    ):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_bf16_autocast_and_adamw_run_on_cpu(tmp_path):
+    cfg = tiny_config(
+        tmp_path, optim={"name": "adamw", "lr": 1e-3}, train={"amp": "bf16", "iters": 2}
+    )
+    result = train(cfg, progress=False)
+    assert result.iterations == 2
+    with pytest.raises(ValueError, match="fp16' needs CUDA"):
+        train(apply_overrides(cfg, ["train.amp=fp16"]), overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [
+        ("rch.formulation", "official"),
+        ("rch.prototypes", "learned"),
+        ("rch.prototype_source", "gt"),
+        ("rch.warmup_iters", "2"),
+        ("optim.warmup_iters", "2"),
+    ],
+)
+def test_variants_train(tmp_path, override, value):
+    result = train(apply_overrides(tiny_config(tmp_path), [f"{override}={value}"]), progress=False)
+    logs = read_metrics(result.run_dir, "train")
+    assert all(r["loss"] == r["loss"] for r in logs)
+    if override == "rch.warmup_iters":
+        assert [r["rch"] == 0 for r in logs] == [True, True, False, False]
