@@ -33,8 +33,26 @@ def test_train_eval_export_round_trip(tmp_path, capsys):
     assert main(["train", str(config), "--set", "rch.tau=0.25", "--no-progress"]) == 0
     run = tmp_path / "runs" / "cli"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["rch"]["tau"] == 0.25
-    assert main(["eval", str(run), "--mode", "slide", "--crop", "16,16", "--stride", "8,8",
-                 "--scales", "0.75", "1", "--flip", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--mode",
+                "slide",
+                "--crop",
+                "16,16",
+                "--stride",
+                "8,8",
+                "--scales",
+                "0.75",
+                "1",
+                "--flip",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mean" in out and "aAcc" in out
     written = json.loads((run / "eval-val.json").read_text())
@@ -59,8 +77,18 @@ def test_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
 
 def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
     config = _write_config(tmp_path)
-    args = ["ablate", str(config), "--rows", "baseline", "tp", "full", "--seeds", "0", "1",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "ablate",
+        str(config),
+        "--rows",
+        "baseline",
+        "tp",
+        "full",
+        "--seeds",
+        "0",
+        "1",
+        "--no-progress",
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     for row in ("baseline", "tp", "full"):
@@ -80,6 +108,8 @@ def test_demo_trains_both_and_prints_the_side_by_side_table(tmp_path, capsys, mo
     assert main(["demo", "--iters", "3", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "d RCH" in out and "mIoU" in out and "ms/iter" in out
+    assert f"{tmp_path / 'demo' / 'report' / 'index.html'}" in out
+    assert (tmp_path / "demo" / "report" / "index.html").stat().st_size > 10_000
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["iters"] == 3 and set(summary) >= {"baseline", "rch"}
     with pytest.raises(SystemExit, match="--iters must be >= 1"):

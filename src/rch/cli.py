@@ -1,4 +1,4 @@
-"""Command line: ``rch train | eval | export | demo | ablate``.
+"""Command line: ``rch train | eval | export | report | demo | ablate``.
 
 Thin: each command parses into the arguments of the Python function that does the work
 (:func:`rch.train.train`, :func:`rch.train.evaluate_checkpoint`, ...).
@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="where the runs are written")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("report", help="an HTML page comparing two runs, with the figures")
+    p.add_argument("run_a", help="reference run directory (e.g. the baseline)")
+    p.add_argument("run_b", help="run to compare (e.g. RCH)")
+    p.add_argument("--out", default=None, help="output directory (default: beside run_b)")
+    p.add_argument("--split", default=None, help="split for the figures (default: val)")
+    p.add_argument("--limit", type=int, default=40, help="images used for the figures")
+    p.add_argument("--images", type=int, default=4, help="images shown per figure")
+
     p = sub.add_parser("ablate", help="Table 1 rows (and --grid) of a config, one summary table")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -134,6 +142,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .viz import write_report
+
+    index = write_report(args.run_a, args.run_b, args.out, args.split, args.limit, args.images)
+    print(f"report: {index}")
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from .train import load_config
     from .train.ablate import TABLE1, ablate, format_ablation
@@ -156,7 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_demo(args.data, args.iters, args.seed, args.out, progress=not args.no_progress)
         return 0
-    commands = {"train": _train, "eval": _eval, "export": _export, "ablate": _ablate}
+    commands = {
+        "train": _train,
+        "eval": _eval,
+        "export": _export,
+        "report": _report,
+        "ablate": _ablate,
+    }
     try:
         return commands[args.command](args)
     except (KeyError, ValueError, TypeError, FileNotFoundError, RCHError) as exc:

@@ -33,6 +33,7 @@ class DemoResult:
     baseline: TrainResult
     rch: TrainResult
     classes: tuple[str, ...]
+    report: Path
 
 
 def demo_config(
@@ -98,4 +99,8 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"runs, checkpoints and metrics.jsonl: {baseline.run_dir} and {rch.run_dir}")
     print(f"summary: {out / 'summary.json'}")
-    return DemoResult(out, baseline, rch, classes)
+    from .viz import write_report
+
+    report = write_report(baseline.run_dir, rch.run_dir, out / "report")
+    print(f"report (figures, per-class tables, calibration statistics): {report}")
+    return DemoResult(out, baseline, rch, classes, report)

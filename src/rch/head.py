@@ -16,6 +16,7 @@ from ._validation import (
     check_probability,
     check_tensor,
 )
+from .diagnostics import CalibrationStats, calibration_stats
 from .errors import RCHError
 from .functional import FORMULATIONS, PROTOTYPE_SOURCES, PrototypeSource, RCHLossOutput, rch_loss
 from .loss import Formulation
@@ -37,6 +38,8 @@ class RCHHeadOutput:
         loss_fp: unweighted FP-penalty cross-entropy (0 while warming up).
         active: ``False`` during the warm-up steps.
         details: the full :class:`~rch.functional.RCHLossOutput`, ``None`` while warming up.
+        stats: per-class :class:`~rch.diagnostics.CalibrationStats` of this batch when the
+            head's ``record_stats`` is set (``None`` otherwise and while warming up).
     """
 
     loss: Tensor
@@ -44,6 +47,7 @@ class RCHHeadOutput:
     loss_fp: Tensor
     active: bool
     details: RCHLossOutput | None
+    stats: CalibrationStats | None = None
 
 
 class RCHHead(nn.Module):
@@ -143,6 +147,9 @@ class RCHHead(nn.Module):
         self.prototype_source, self.prototype_mode = prototype_source, prototypes
         self.prototype_init, self.warmup_iters = prototype_init, warmup_iters
         self.process_group = process_group
+        self.record_stats = False
+        """Set to ``True`` to get per-class statistics with the next forward's output
+        (costs about one more pass over the embeddings; a trainer sets it on logging steps)."""
         self.projection = nn.Sequential(
             nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
             nn.BatchNorm2d(embed_dim),
@@ -207,6 +214,7 @@ class RCHHead(nn.Module):
                 "has seen a true-positive pixel); train it before evaluating its loss."
             )
         update = self.training and self.prototype_mode == "ema"
+        before = self.prototypes.detach().clone() if self.record_stats else None
         out = rch_loss(
             embeddings,
             seg_logits,
@@ -229,4 +237,12 @@ class RCHHead(nn.Module):
                     self.prototypes.copy_(out.prototypes.detach())
                     self.initialized |= out.updated
             self.step += 1
-        return RCHHeadOutput(self.loss_weight * out.loss, out.loss_fn, out.loss_fp, True, out)
+        stats = None
+        if before is not None:
+            stats = calibration_stats(
+                embeddings, seg_logits, labels, before, out.prototypes,
+                formulation=self.formulation, ignore_index=self.ignore_index,
+            )  # fmt: skip
+        return RCHHeadOutput(
+            self.loss_weight * out.loss, out.loss_fn, out.loss_fp, True, out, stats
+        )

@@ -18,9 +18,13 @@ def test_preset_trains_with_rch_and_exports_to_the_baseline(name):
     k = 5
     built = build_model(name, k)
     model = rch.attach(
-        built.model, built.layer, k, select=built.select,
-        in_channels=built.feature_channels, embed_dim=built.embed_dim,
-    )  # fmt: skip
+        built.model,
+        built.layer,
+        k,
+        select=built.select,
+        in_channels=built.feature_channels,
+        embed_dim=built.embed_dim,
+    )
     x = torch.randn(2, 3, 64, 64)
     y = torch.randint(0, k, (2, 64, 64))
     logits, aux = split_outputs(model(x))
@@ -56,8 +60,10 @@ def test_hrnet_feature_choice():
 
 def test_local_pretrained_weights_are_loaded(tmp_path):
     source = build_model("tiny", 3).model
-    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
-               tmp_path / "w.pth")  # fmt: skip
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
+        tmp_path / "w.pth",
+    )
     loaded = build_model("tiny", 3, pretrained=str(tmp_path / "w.pth")).model
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)

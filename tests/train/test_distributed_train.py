@@ -43,7 +43,7 @@ def _worker(rank: int, init_file: str, tmp: str) -> None:
 
 
 def test_two_rank_ddp_training_keeps_ranks_identical(tmp_path):
-    tiny_config(tmp_path)  # noqa: the data cache is built by rank 0 and rank 1 alike (atomic)
+    tiny_config(tmp_path)  # the data cache is built by both ranks alike (atomically)
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
@@ -81,10 +81,21 @@ def test_torchrun_launches_rch_train(tmp_path):
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "rch", "train", str(config), "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "rch",
+        "train",
+        str(config),
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     state = load_checkpoint(tmp_path / "runs" / "tr" / "checkpoints" / "last.pt")

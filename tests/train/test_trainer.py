@@ -21,8 +21,13 @@ def test_a_run_writes_checkpoint_metrics_and_scores(tmp_path):
     run = result.run_dir
     assert result.iterations == 4 and result.eval is not None
     assert {p.name for p in run.iterdir()} >= {
-        "config.yaml", "metrics.jsonl", "eval.json", "cost.json", "checkpoints", "tensorboard",
-    }  # fmt: skip
+        "config.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "cost.json",
+        "checkpoints",
+        "tensorboard",
+    }
     train_logs = read_metrics(run, "train")
     assert [r["iter"] for r in train_logs] == [1, 2, 3, 4]
     assert all(r["rch"] > 0 and r["seg"] > 0 and "aux" in r for r in train_logs)
@@ -95,8 +100,10 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
         "loss": {"ohem": False},
         "data": {"scales": [1.0], "flip": False},
     }
-    a = train(tiny_config(tmp_path, name="a", **common, train={"iters": 1, "batch_size": 4}),
-              progress=False)  # fmt: skip
+    a = train(
+        tiny_config(tmp_path, name="a", **common, train={"iters": 1, "batch_size": 4}),
+        progress=False,
+    )
     b = train(
         tiny_config(
             tmp_path, name="b", **common, train={"iters": 1, "batch_size": 2, "accum_steps": 2}

@@ -9,13 +9,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import layouts
 from .datasets import DatasetInfo, SegmentationDataset, read_image, read_mask
 from .loader import SampleStream, TrainSet, make_eval_loader, make_train_loader
-from .synthetic import ensure_synthetic
+from .synthetic import SYNTHETIC_PALETTE, ensure_synthetic
 from .transforms import Augment, augment, normalize
 
 __all__ = [
@@ -40,7 +41,9 @@ def _synthetic(
     root: Path | None, split: str, ignore_index: int = 255, **options: Any
 ) -> SegmentationDataset:
     built = ensure_synthetic(root, **options)
-    return layouts.folder(built, split, ignore_index, image_dir="images", mask_dir="labels")
+    dataset = layouts.folder(built, split, ignore_index, image_dir="images", mask_dir="labels")
+    dataset.info = replace(dataset.info, name="synthetic", palette=SYNTHETIC_PALETTE)
+    return dataset
 
 
 DATASETS: dict[str, Callable[..., SegmentationDataset]] = {

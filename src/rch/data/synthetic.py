@@ -23,12 +23,42 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SYNTHETIC_CLASSES", "default_cache_dir", "ensure_synthetic", "render_scene"]
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_PALETTE",
+    "default_cache_dir",
+    "ensure_synthetic",
+    "render_scene",
+]
 
 SYNTHETIC_CLASSES = (
-    "sky", "building", "wall", "road", "sidewalk", "pole", "car", "person", "vegetation",
+    "sky",
+    "building",
+    "wall",
+    "road",
+    "sidewalk",
+    "pole",
+    "car",
+    "person",
+    "vegetation",
     "terrain",
-)  # fmt: skip
+)
+SYNTHETIC_PALETTE = np.array(
+    [
+        [70, 130, 180],
+        [70, 70, 70],
+        [102, 102, 156],
+        [128, 64, 128],
+        [244, 35, 232],
+        [153, 153, 153],
+        [0, 0, 142],
+        [220, 20, 60],
+        [107, 142, 35],
+        [152, 251, 152],
+    ],
+    dtype=np.uint8,
+)
+"""Colours of the classes for figures (those of the Cityscapes classes of the same name)."""
 SKY, BUILDING, WALL, ROAD, SIDEWALK, POLE, CAR, PERSON, VEGETATION, TERRAIN = range(10)
 _PAINT = np.array([[180, 40, 40], [40, 60, 170], [200, 200, 200], [30, 30, 30], [200, 160, 40]])
 VERSION = 1

@@ -103,9 +103,11 @@ def predict_probs(forward: Forward, image: Tensor, cfg: InferenceConfig) -> Tens
     n = 0
     for scale in cfg.scales:
         size = (max(1, round(h * fit * scale)), max(1, round(w * fit * scale)))
-        x = image if size == (h, w) else F.interpolate(
-            image, size=size, mode="bilinear", align_corners=False
-        )  # fmt: skip
+        x = (
+            image
+            if size == (h, w)
+            else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        )
         for flip in (False, True) if cfg.flip else (False,):
             xi = x.flip(-1) if flip else x
             if cfg.mode == "slide":

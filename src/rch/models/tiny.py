@@ -28,9 +28,11 @@ class TinySegNet(nn.Module):
 
         def down(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
+                nn.Conv2d(cin, cout, 3, 2, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(True),
                 conv_bn_relu(cout, cout, 3),
-            )  # fmt: skip
+            )
 
         self.stem = down(3, w // 2)  # stride 2
         self.stage2 = down(w // 2, w)  # stride 4

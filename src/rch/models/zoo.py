@@ -172,9 +172,13 @@ def hrnet(
     if feature == "branch2":
         select: FeatureSelector = ChannelSlice(c[0], c[0] + c[1])
         return BuiltModel(
-            model, "concat", select, c[1], _double_if_needed(c[1], num_classes),
+            model,
+            "concat",
+            select,
+            c[1],
+            _double_if_needed(c[1], num_classes),
             "second-resolution branch after resize-concat (reference code)",
-        )  # fmt: skip
+        )
     if feature == "concat":
         return BuiltModel(model, "concat", None, sum(c), 256, "all HRNet branches, resize-concat")
     raise ValueError(f"hrnet feature must be 'branch2' or 'concat', got {feature!r}")
@@ -232,9 +236,13 @@ def smp_model(
         load_weights(net.encoder, pretrained)
     channels = int(net.encoder.out_channels[-1])
     return BuiltModel(
-        SMPSeg(net, num_classes, aux), "net.encoder", -1, channels, embed_dim,
+        SMPSeg(net, num_classes, aux),
+        "net.encoder",
+        -1,
+        channels,
+        embed_dim,
         f"{encoder} deepest stage (the encoder output)",
-    )  # fmt: skip
+    )
 
 
 def segformer(variant: int, num_classes: int, pretrained: str | None = None) -> BuiltModel:

@@ -5,10 +5,22 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MetricsLogger", "json_safe", "read_metrics"]
+
+
+def json_safe(value: Any) -> Any:
+    """NaN / infinity -> ``None`` (standard JSON, readable by browsers), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class MetricsLogger:
@@ -43,12 +55,30 @@ class MetricsLogger:
 
     def log(self, iteration: int, tag: str, values: dict[str, Any]) -> None:
         record = {"iter": iteration, "tag": tag, **values}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(json_safe(record)) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{tag}/{key}", value, iteration)
+
+    def log_classes(
+        self, iteration: int, tag: str, values: dict[str, list[float]], classes: Sequence[str]
+    ) -> None:
+        """One JSONL record with per-class lists; TensorBoard gets ``tag/stat/class`` scalars
+        and ``tag/stat/mean`` (over classes with a value)."""
+        record = {"iter": iteration, "tag": tag, **values}
+        self._file.write(json.dumps(json_safe(record)) + "\n")
+        self._file.flush()
+        if self._tb is None:
+            return
+        for stat, per_class in values.items():
+            finite = [v for v in per_class if v is not None and math.isfinite(v)]
+            for name, value in zip(classes, per_class, strict=True):
+                if value is not None and math.isfinite(value):
+                    self._tb.add_scalar(f"{tag}/{stat}/{name}", value, iteration)
+            if finite:
+                self._tb.add_scalar(f"{tag}/{stat}/mean", sum(finite) / len(finite), iteration)
 
     def close(self) -> None:
         self._file.close()

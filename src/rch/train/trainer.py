@@ -28,13 +28,14 @@ from torch import Tensor, nn
 
 from ..data import Augment, build_dataset, make_train_loader
 from ..data.datasets import SegmentationDataset
+from ..diagnostics import STAT_NAMES, CalibrationStats, format_stats, summarize
 from ..errors import RCHError
 from ..eval import EvalResult, InferenceConfig, evaluate, format_scores
 from ..hooks import RCHAttachment, attach
 from ..models import BuiltModel, build_model, split_outputs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict, config_to_dict
-from .logger import MetricsLogger
+from .logger import MetricsLogger, json_safe, read_metrics
 from .losses import ohem_keep, seg_cross_entropy
 
 __all__ = [
@@ -212,7 +213,7 @@ def _peak_mib(device: torch.device) -> float:
 
 def _step_losses(
     cfg: Config, net: Network, module: nn.Module, x: Tensor, y: Tensor, amp: torch.dtype | None
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], CalibrationStats | None]:
     ignore = cfg.data.ignore_index
     ctx = torch.autocast(x.device.type, dtype=amp) if amp else contextlib.nullcontext()
     with ctx:
@@ -229,6 +230,7 @@ def _step_losses(
     if aux is not None and cfg.loss.aux_weight > 0:
         parts["aux"] = cfg.loss.aux_weight * seg_cross_entropy(aux, y, ignore)
     attachment = net.attachment
+    stats = None
     if attachment is not None:
         target = y
         if keep is not None and cfg.rch.ohem_pixels:
@@ -238,8 +240,9 @@ def _step_losses(
         parts["rch"] = out.loss
         parts["rch_fn"] = out.loss_fn.detach()
         parts["rch_fp"] = out.loss_fp.detach()
+        stats = out.stats
     parts["loss"] = sum(v for k, v in parts.items() if k in ("seg", "aux", "rch"))  # type: ignore[assignment]
-    return parts
+    return parts, stats
 
 
 def _batches(loader: Any) -> Iterator[tuple[Tensor, Tensor]]:
@@ -339,22 +342,37 @@ def train(
     t = cfg.train
     accum = max(1, t.accum_steps)
     loader = make_train_loader(
-        train_set, _augment(cfg), t.batch_size, cfg.seed, t.iters * accum, start * accum,
-        env.rank, env.world, d.workers, env.device.type == "cuda",
-    )  # fmt: skip
+        train_set,
+        _augment(cfg),
+        t.batch_size,
+        cfg.seed,
+        t.iters * accum,
+        start * accum,
+        env.rank,
+        env.world,
+        d.workers,
+        env.device.type == "cuda",
+    )
     batches = _batches(loader)
     end = t.iters if stop_after is None else min(t.iters, stop_after)
     bar = tqdm(
         total=t.iters, initial=start, desc=cfg.name, unit="it", disable=not (progress and main)
     )
     step_times: list[float] = []
+    stat_records: list[dict[str, list[float]]] = []
     result_eval: EvalResult | None = None
     it = start
     module.train()
     while it < end:
         tic = time.perf_counter()
-        lr = poly_lr(cfg.optim.lr, it, t.iters, cfg.optim.poly_power, cfg.optim.min_lr,
-                     cfg.optim.warmup_iters)  # fmt: skip
+        lr = poly_lr(
+            cfg.optim.lr,
+            it,
+            t.iters,
+            cfg.optim.poly_power,
+            cfg.optim.min_lr,
+            cfg.optim.warmup_iters,
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         logs: dict[str, float] = {}
@@ -368,7 +386,9 @@ def train(
                 else contextlib.nullcontext()
             )
             with sync_ctx:
-                parts = _step_losses(cfg, net, wrapped, x, y, amp)
+                if net.attachment is not None:
+                    net.attachment.head.record_stats = last and (it + 1) % t.log_every == 0
+                parts, stats = _step_losses(cfg, net, wrapped, x, y, amp)
                 scaler.scale(parts["loss"] / accum).backward()
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + float(value.detach()) / accum
@@ -383,6 +403,10 @@ def train(
         bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
         if logger is not None and (it % t.log_every == 0 or it == end):
             logger.log(it, "train", {**logs, "lr": lr, "s_per_iter": step_times[-1]})
+            if stats is not None:
+                record = stats.as_lists()
+                logger.log_classes(it, "rch", record, train_set.info.classes)
+                stat_records.append(record)
         if env.world > 1 and (
             (t.eval_every and it % t.eval_every == 0) or it % t.ckpt_every == 0 or it == end
         ):
@@ -398,6 +422,8 @@ def train(
         if main:
             (run_dir / "eval.json").write_text(json.dumps(result_eval.to_dict(), indent=1))
             print(format_scores(result_eval.scores, result_eval.classes), flush=True)
+    if main and net.attachment is not None:
+        _write_stat_summary(run_dir, train_set.info.classes, stat_records, resume)
     s_per_iter = statistics.median(step_times) if step_times else float("nan")
     peak = _peak_mib(env.device)
     if main:
@@ -406,6 +432,23 @@ def train(
     if logger is not None:
         logger.close()
     return TrainResult(run_dir, it, result_eval, s_per_iter, peak, net)
+
+
+def _write_stat_summary(
+    run_dir: Path, classes: tuple[str, ...], records: list[dict[str, list[float]]], resumed: bool
+) -> None:
+    """Per-class means of the calibration statistics over the run, to ``rch_stats.json``
+    (read back from ``metrics.jsonl`` so a resumed run covers its earlier part too)."""
+    if resumed:
+        records = [
+            {k: v for k, v in r.items() if k in STAT_NAMES} for r in read_metrics(run_dir, "rch")
+        ]
+    if not records:
+        return
+    summary = {"classes": list(classes), "batches": len(records), **summarize(records)}
+    (run_dir / "rch_stats.json").write_text(json.dumps(json_safe(summary), indent=1))
+    print(f"RCH calibration statistics, per class, mean over {len(records)} logged batches:")
+    print(format_stats(summary), flush=True)
 
 
 def _average_norm_buffers(module: nn.Module, world: int) -> None:

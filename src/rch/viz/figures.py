@@ -1,0 +1,213 @@
+"""The paper's diagnostic figures (matplotlib, headless). Each function writes one PNG and
+returns the figure, so tests can count its panels."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..eval.metrics import Scores
+from .collect import RunSample
+
+__all__ = [
+    "colorize",
+    "plot_calibration_maps",
+    "plot_iou_delta",
+    "plot_predictions",
+    "plot_score_distributions",
+    "plot_similarity",
+    "plot_training_curves",
+    "plot_tsne",
+]
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("figures need matplotlib: pip install 'rch[viz]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Any:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return fig
+
+
+def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """``(H, W)`` class map -> ``(H, W, 3)`` uint8 colours; ignored pixels are black.
+
+    Example:
+        >>> import numpy as np
+        >>> palette = np.array([[10, 20, 30], [1, 2, 3]], np.uint8)
+        >>> colorize(np.array([[0, 1, 255]]), palette).tolist()
+        [[[10, 20, 30], [1, 2, 3], [0, 0, 0]]]
+    """
+    out = np.zeros((*label.shape, 3), np.uint8)
+    known = label < len(palette)
+    out[known] = palette[label[known]]
+    return out
+
+
+def plot_score_distributions(samples: Sequence[RunSample], path: str | Path) -> Any:
+    """Paper Fig. 1: pre-softmax scores of TP, FN and FP pixels, every run on the same axes."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    titles = {
+        "tp": "true positives (predicted class)",
+        "fn": "false negatives (true class)",
+        "fp": "false positives (predicted class)",
+    }
+    for ax, key in zip(axes, ("tp", "fn", "fp"), strict=True):
+        values = [s.scores[key] for s in samples if len(s.scores[key])]
+        if values:
+            lo = min(float(v.min()) for v in values)
+            hi = max(float(v.max()) for v in values)
+            bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
+            for s in samples:
+                v = s.scores[key]
+                if len(v):
+                    ax.hist(
+                        v,
+                        bins=bins,
+                        alpha=0.5,
+                        density=True,
+                        label=f"{s.name} (median {np.median(v):.2f})",
+                    )
+            ax.legend(fontsize=7)
+        ax.set_title(titles[key], fontsize=9)
+        ax.set_xlabel("pre-softmax score")
+    axes[0].set_ylabel("density")
+    return _save(fig, path)
+
+
+def plot_calibration_maps(sample: RunSample, path: str | Path) -> Any:
+    """Paper Fig. 5: per image, the input, the misclassified pixels, and the ``phi`` (FN
+    compensation) and ``psi`` (FP penalty) maps of an RCH run."""
+    plt = _plt()
+    rows = max(1, len(sample.maps))
+    fig, axes = plt.subplots(rows, 4, figsize=(12, 2.6 * rows), squeeze=False)
+    for r, (view, maps) in enumerate(zip(sample.views, sample.maps, strict=False)):
+        phi, psi, wrong = maps
+        panels = [
+            (view[0], "input", None, 1),
+            (wrong, "misclassified", "gray", 1),
+            (phi, "phi (FN compensation)", "magma", 2),
+            (psi, "psi (FP penalty)", "magma", 2),
+        ]
+        for ax, (data, title, cmap, top) in zip(axes[r], panels, strict=True):
+            kwargs = {} if cmap is None else {"cmap": cmap, "vmin": 0, "vmax": top}
+            im = ax.imshow(data, interpolation="nearest", **kwargs)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+            if cmap == "magma":
+                fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_similarity(samples: Sequence[RunSample], path: str | Path) -> Any:
+    """Paper Fig. 6 (left): class-by-class mean cosine similarity of the features ``F``,
+    one matrix per run; the title gives mean intra- (diagonal) and inter-class values."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(samples), figsize=(5.6 * len(samples), 5), squeeze=False)
+    for ax, s in zip(axes[0], samples, strict=True):
+        sim = s.similarity
+        im = ax.imshow(sim, vmin=-1, vmax=1, cmap="coolwarm")
+        diag = np.nanmean(np.diag(sim)) if np.isfinite(np.diag(sim)).any() else math.nan
+        off = sim[~np.eye(len(sim), dtype=bool)]
+        inter = np.nanmean(off) if np.isfinite(off).any() else math.nan
+        ax.set_title(f"{s.name}: intra {diag:.3f}, inter {inter:.3f}", fontsize=9)
+        ticks = range(len(s.classes))
+        ax.set_xticks(ticks, s.classes, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, s.classes, fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_tsne(samples: Sequence[RunSample], path: str | Path, seed: int = 0) -> Any:
+    """Paper Fig. 6 (right): t-SNE of a class-balanced sample of feature pixels per run."""
+    from sklearn.manifold import TSNE
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(samples), figsize=(5.6 * len(samples), 5), squeeze=False)
+    for ax, s in zip(axes[0], samples, strict=True):
+        n = len(s.points)
+        if n >= 5:
+            perplexity = float(min(30, max(2, (n - 1) // 3)))
+            xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+                s.points.astype(np.float64)
+            )
+            for c in np.unique(s.point_labels):
+                m = s.point_labels == c
+                ax.scatter(xy[m, 0], xy[m, 1], s=6, color=s.palette[c] / 255.0, label=s.classes[c])
+            ax.legend(fontsize=6, markerscale=2, ncol=2)
+        ax.set_title(f"{s.name}: t-SNE of {n} feature pixels", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)
+
+
+def plot_predictions(samples: Sequence[RunSample], path: str | Path) -> Any:
+    """Paper Fig. 7: input, each run's prediction, ground truth, in the dataset's palette."""
+    plt = _plt()
+    rows = max(1, len(samples[0].views))
+    cols = len(samples) + 2
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False)
+    palette = samples[0].palette
+    for r in range(len(samples[0].views)):
+        image, _, label = samples[0].views[r]
+        panels = [(image, "input")]
+        panels += [(colorize(s.views[r][1], palette), s.name) for s in samples]
+        panels.append((colorize(label, palette), "ground truth"))
+        for ax, (data, title) in zip(axes[r], panels, strict=True):
+            ax.imshow(data, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_training_curves(
+    curves: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path
+) -> Any:
+    """Losses and validation mIoU over iterations: ``curves[run][metric] = [(iter, value)]``."""
+    plt = _plt()
+    metrics = sorted({m for c in curves.values() for m in c})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for run, c in curves.items():
+            if c.get(metric):
+                xs, ys = zip(*c[metric], strict=True)
+                ax.plot(xs, ys, marker="o" if len(xs) < 5 else None, label=run)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_iou_delta(
+    base: Scores,
+    other: Scores,
+    classes: Sequence[str],
+    path: str | Path,
+    names: tuple[str, str] = ("baseline", "RCH"),
+) -> Any:
+    """Per-class IoU difference (points) of ``other`` minus ``base``."""
+    plt = _plt()
+    delta = [100 * (o - b) for o, b in zip(other.iou, base.iou, strict=True)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes)), 3.4))
+    colors = ["#2a7" if d >= 0 else "#c44" for d in delta]
+    ax.bar(range(len(classes)), [0 if math.isnan(d) else d for d in delta], color=colors)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_ylabel("IoU points")
+    ax.set_title(f"{names[1]} - {names[0]}: mIoU {100 * (other.miou - base.miou):+.2f}", fontsize=9)
+    return _save(fig, path)
