@@ -205,9 +205,24 @@ def _amp(cfg: Config, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"train.amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
 
 
+def _reset_peak(device: torch.device) -> None:
+    """Start a fresh peak-memory measurement (CUDA allocator; on Linux the process's peak
+    resident set, VmHWM, which several runs in one process would otherwise share)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_mib(device: torch.device) -> float:
+    """Peak memory since :func:`_reset_peak`: CUDA allocated bytes, or the peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -358,6 +373,7 @@ def train(
     bar = tqdm(
         total=t.iters, initial=start, desc=cfg.name, unit="it", disable=not (progress and main)
     )
+    _reset_peak(env.device)
     step_times: list[float] = []
     stat_records: list[dict[str, list[float]]] = []
     result_eval: EvalResult | None = None

@@ -226,7 +226,7 @@ def write_report(
     cost_rows = [
         ["s/iter (median)", cost(0, "s_per_iter", 1, ".4f"), cost(1, "s_per_iter", 1, ".4f")],
         [
-            "peak memory (MiB)",
+            "peak memory (MiB)*",
             cost(0, "peak_memory_mib", 1, ".0f"),
             cost(1, "peak_memory_mib", 1, ".0f"),
         ],
@@ -261,6 +261,9 @@ evaluation; the figures use the first {limit} images of the split.</p>
 <h2>Scores</h2>{_table(header, score_rows, raw=True)}
 <h2>Per-class IoU (%)</h2>{_table(["class", *names, "delta"], class_rows, raw=True)}
 <h2>Training cost</h2>{_table(["", *names], cost_rows)}
+<p class="note">* CUDA: peak memory allocated by tensors. CPU: the process's peak resident set
+while the run trained; a run trained after another in the same process (as in rch demo) also
+counts what the first one left allocated.</p>
 <h2>Configuration differences</h2>{diff_html}
 <h2>Calibration statistics</h2>{stats_html}
 <h2>Figures</h2>{"".join(_figure(p, c) for p, c in figs)}"""
