@@ -33,3 +33,72 @@ def test_loss_cost_quick_writes_json(tmp_path: Path):
     assert set(row["results"]) == {"ce", "bound", "autograd", "paper", "official", "pairwise"}
     assert all(r["time_s"] > 0 and r["peak_mib"] >= 0 for r in row["results"].values())
     assert data["meta"]["command"].startswith("python")
+
+
+def test_train_cost_quick_checks_inference_equality(tmp_path: Path):
+    out = tmp_path / "train.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_cost.py"),
+        "--quick",
+        "--networks",
+        "segformer_b0",
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "segformer_b0" in run.stdout and "identical" in run.stdout
+    res = json.loads(out.read_text())["results"]["segformer_b0"]
+    inf = res["inference"]
+    assert inf["params_exported"] == inf["params_baseline"] < inf["params_training_rch"]
+    assert inf["flops_exported"] == inf["flops_baseline"] > 0
+    assert inf["outputs_bitwise_equal_to_attached"] and inf["state_dict_keys_equal"]
+    assert res["time_ratio"] > 0 and res["memory_ratio"] > 0
+
+
+def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
+    from .data import trees
+
+    root = tmp_path / "camvid"
+    trees.camvid(root, [0, 10, 11, 3, 2, 9])
+    results = tmp_path / "camvid.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "camvid.py"),
+        "--root",
+        str(root),
+        "--variants",
+        "baseline",
+        "paper",
+        "--seeds",
+        "0",
+        "1",
+        "--iters",
+        "2",
+        "--batch",
+        "2",
+        "--base-size",
+        "4",
+        "6",
+        "--crop",
+        "16",
+        "16",
+        "--width",
+        "8",
+        "--embed-dim",
+        "8",
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        "--no-progress",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "paired diff" in first.stdout and "Pole *" in first.stdout
+    data = json.loads(results.read_text())
+    paper = data["summary"]["paper"]
+    assert len(paper["paired_diff"]) == 2 and paper["seeds"] == [0, 1]
+    assert set(paper["class_delta"]) >= {"Pole", "Bicyclist"}
+    stamp = (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns
+    subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns == stamp

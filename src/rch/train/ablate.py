@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import RCHError
 from .config import Config, apply_overrides
 from .trainer import train
 
-__all__ = ["GRID", "TABLE1", "Variant", "ablate", "format_ablation", "variants"]
+__all__ = ["GRID", "TABLE1", "Variant", "ablate", "format_ablation", "run_variants", "variants"]
 
 TABLE1: dict[str, list[str]] = {
     "baseline": ["rch.enabled=false"],
@@ -63,23 +64,25 @@ def variants(rows: Sequence[str] = tuple(TABLE1), grid: bool = False) -> list[Va
     return out
 
 
-def ablate(
+def run_variants(
     cfg: Config,
-    rows: Sequence[str] = tuple(TABLE1),
-    grid: bool = False,
+    runs: Sequence[Variant],
     seeds: Sequence[int] = (0,),
     progress: bool = True,
-) -> dict[str, list[float]]:
-    """Train and evaluate every variant for every seed; finished runs are reused and
-    interrupted ones resumed, so the whole ablation can be restarted at any time.
+    on_done: Callable[[str, int, dict[str, Any]], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Train and evaluate every variant for every seed (seed-major: all variants of a seed
+    before the next seed, so paired comparisons complete early). Finished runs
+    (``eval.json`` present) are reused and interrupted ones resumed, so the whole batch can
+    be restarted at any time.
 
     Returns:
-        variant name -> mIoU (fraction) per seed. Also written to ``OUT/NAME-ablation.json``.
+        variant name -> the ``eval.json`` contents per seed, in ``seeds`` order.
     """
-    results: dict[str, list[float]] = {}
+    results: dict[str, list[dict[str, Any]]] = {v.name: [] for v in runs}
     base_dir = Path(cfg.train.out_dir)
-    for variant in variants(rows, grid):
-        for seed in seeds:
+    for seed in seeds:
+        for variant in runs:
             name = f"{cfg.name}-{variant.name}-s{seed}"
             run = apply_overrides(cfg, [*variant.overrides, f"name={name}", f"seed={seed}"])
             run_dir = base_dir / name
@@ -89,8 +92,29 @@ def ablate(
                 train(run, resume=resume, overwrite=not resume, progress=progress)
             if not done.is_file():
                 raise RCHError(f"run {name} finished without an evaluation ({done})")
-            miou = float(json.loads(done.read_text())["mIoU"])
-            results.setdefault(variant.name, []).append(miou)
+            scores = json.loads(done.read_text())
+            results[variant.name].append(scores)
+            if on_done is not None:
+                on_done(variant.name, seed, scores)
+    return results
+
+
+def ablate(
+    cfg: Config,
+    rows: Sequence[str] = tuple(TABLE1),
+    grid: bool = False,
+    seeds: Sequence[int] = (0,),
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Train and evaluate every Table 1 row (and grid point) for every seed, resumably (see
+    :func:`run_variants`).
+
+    Returns:
+        variant name -> mIoU (fraction) per seed. Also written to ``OUT/NAME-ablation.json``.
+    """
+    runs = run_variants(cfg, variants(rows, grid), seeds, progress)
+    results = {name: [float(r["mIoU"]) for r in rs] for name, rs in runs.items()}
+    base_dir = Path(cfg.train.out_dir)
     summary = base_dir / f"{cfg.name}-ablation.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps({"seeds": list(seeds), "mIoU": results}, indent=1))

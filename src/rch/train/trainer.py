@@ -45,6 +45,7 @@ __all__ = [
     "build_optimizer",
     "inference_config",
     "poly_lr",
+    "step_losses",
     "train",
 ]
 
@@ -226,9 +227,16 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _step_losses(
+def step_losses(
     cfg: Config, net: Network, module: nn.Module, x: Tensor, y: Tensor, amp: torch.dtype | None
 ) -> tuple[dict[str, Tensor], CalibrationStats | None]:
+    """One batch's losses under the recipe: OHEM cross-entropy, the auxiliary loss and (when
+    ``net`` has RCH attached) the RCH loss on the pixels OHEM keeps; ``"loss"`` is their sum.
+
+    Returns:
+        ``(parts, stats)``: the loss parts by name, and the head's per-class statistics when
+        its ``record_stats`` was set.
+    """
     ignore = cfg.data.ignore_index
     ctx = torch.autocast(x.device.type, dtype=amp) if amp else contextlib.nullcontext()
     with ctx:
@@ -404,7 +412,7 @@ def train(
             with sync_ctx:
                 if net.attachment is not None:
                     net.attachment.head.record_stats = last and (it + 1) % t.log_every == 0
-                parts, stats = _step_losses(cfg, net, wrapped, x, y, amp)
+                parts, stats = step_losses(cfg, net, wrapped, x, y, amp)
                 scaler.scale(parts["loss"] / accum).backward()
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + float(value.detach()) / accum

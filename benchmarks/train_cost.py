@@ -1,0 +1,247 @@
+"""What RCH costs in training, and that it costs nothing at inference.
+
+For each network (default: DeepLabV3-ResNet50, HRNet-W18 + OCR, SegFormer-B0) at a CPU-sized
+crop, one process times a full training step of the baseline and of the same network with
+RCH attached (forward, OHEM cross-entropy + auxiliary loss (+ RCH loss), backward, SGD
+step), interleaved, and reports the median of each and their ratio. Peak memory: each
+variant trains in its own child process, and the process's peak resident set (Linux VmHWM)
+over the measured steps is reported, model and optimiser state included; on CUDA, the peak
+allocated by tensors. Inference: the exported RCH model is checked against the baseline
+architecture (parameter count, FLOPs from torch's FlopCounterMode, bitwise outputs).
+
+Run: ``python benchmarks/train_cost.py [--quick] [--device cuda --amp fp16 --crop 512 1024]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rch import export
+from rch.models import split_outputs
+from rch.train import build_network, config_from_dict
+from rch.train.trainer import Network, step_losses
+
+NETWORKS = ("deeplabv3_resnet50", "hrnet_w18_ocr", "segformer_b0")
+CLASSES = 19
+
+
+def make_config(name: str, enabled: bool, crop: list[int], amp: str) -> object:
+    return config_from_dict(
+        {
+            "model": {"name": name},
+            "data": {"crop_size": crop},
+            "rch": {"enabled": enabled},
+            "train": {"amp": amp},
+        }
+    )
+
+
+def build(name: str, enabled: bool, crop: list[int], amp: str, device: str) -> tuple:
+    torch.manual_seed(0)
+    cfg = make_config(name, enabled, crop, amp)
+    net = build_network(cfg, CLASSES)
+    net.module.to(device).train()
+    opt = torch.optim.SGD(net.module.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    return cfg, net, opt
+
+
+def batch(args: argparse.Namespace, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, *args.crop, generator=g)
+    y = torch.randint(0, CLASSES, (args.batch, *args.crop), generator=g)
+    # blocky labels, like real scenes, so that TP / FN / FP sets are realistic
+    y = (
+        y[:, ::16, ::16]
+        .repeat_interleave(16, 1)
+        .repeat_interleave(16, 2)[:, : args.crop[0], : args.crop[1]]
+    )
+    return x.to(device), y.to(device)
+
+
+def step(cfg, net: Network, opt, x, y, amp_dtype, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    parts, _ = step_losses(cfg, net, net.module, x, y, amp_dtype)
+    parts["loss"].backward()
+    opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def amp_dtype(amp: str) -> torch.dtype | None:
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def time_network(name: str, args: argparse.Namespace) -> dict:
+    device = args.device
+    variants = {
+        v: build(name, v == "rch", args.crop, args.amp, device) for v in ("baseline", "rch")
+    }
+    x, y = batch(args, device)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(args.warmup + args.reps):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for v in order:
+            cfg, net, opt = variants[v]
+            t = step(cfg, net, opt, x, y, amp_dtype(args.amp), device)
+            if rep >= args.warmup:
+                times[v].append(t)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    return {"time_s": med, "times_s": times, "time_ratio": med["rch"] / med["baseline"]}
+
+
+def _kib(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+
+def memory_child(name: str, variant: str, args: argparse.Namespace) -> float:
+    """In a child process: peak memory (MiB) over warm-up + measured steps of one variant."""
+    device = args.device
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+    cfg, net, opt = build(name, variant == "rch", args.crop, args.amp, device)
+    x, y = batch(args, device)
+    for _ in range(2):
+        step(cfg, net, opt, x, y, amp_dtype(args.amp), device)
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _kib("VmHWM") / 1024
+
+
+def memory(name: str, variant: str, cli: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m.json"
+        cmd = [sys.executable, __file__, *cli, "--memory-child", name, variant, str(out)]
+        subprocess.run(cmd, check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+        return float(json.loads(out.read_text()))
+
+
+def inference_check(name: str, args: argparse.Namespace) -> dict:
+    """Exported RCH model vs the baseline architecture: parameters, FLOPs, outputs."""
+    _, base_net, _ = build(name, False, args.crop, "none", "cpu")
+    _, rch_net, _ = build(name, True, args.crop, "none", "cpu")
+    rch_net.module.eval()
+    x = torch.randn(1, 3, *args.crop)
+    with torch.no_grad():
+        attached = split_outputs(rch_net.module(x))[0]
+    deployed = export(copy.deepcopy(rch_net.module)).eval()
+    base = base_net.module.eval()
+
+    def flops(model: torch.nn.Module) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(x)
+        return int(counter.get_total_flops())
+
+    def params(model: torch.nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    with torch.no_grad():
+        same = torch.equal(split_outputs(deployed(x))[0], attached)
+    return {
+        "params_baseline": params(base),
+        "params_exported": params(deployed),
+        "params_training_rch": params(rch_net.module),
+        "flops_baseline": flops(base),
+        "flops_exported": flops(deployed),
+        "state_dict_keys_equal": list(deployed.state_dict()) == list(base.state_dict()),
+        "outputs_bitwise_equal_to_attached": same,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS))
+    parser.add_argument("--crop", type=int, nargs=2, default=[256, 256])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--quick", action="store_true", help="tiny crop, 2 reps (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cost.json"))
+    parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.crop, args.reps, args.warmup, args.batch = [64, 64], 2, 1, 2
+    if args.memory_child:
+        name, variant, out = args.memory_child
+        Path(out).write_text(json.dumps(memory_child(name, variant, args)))
+        return 0
+    cli = [
+        "--crop",
+        *map(str, args.crop),
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+    ]
+    results = {}
+    print(
+        f"{'network':<20} {'base s/it':>10} {'RCH s/it':>10} {'time':>7} {'base MiB':>9} "
+        f"{'RCH MiB':>9} {'memory':>7}  inference (params, FLOPs, outputs)"
+    )
+    for name in args.networks:
+        res = time_network(name, args)
+        mem = {v: memory(name, v, cli) for v in ("baseline", "rch")}
+        res["peak_mib"] = mem
+        res["memory_ratio"] = mem["rch"] / mem["baseline"]
+        res["inference"] = inf = inference_check(name, args)
+        results[name] = res
+        same = (
+            inf["params_exported"] == inf["params_baseline"]
+            and inf["flops_exported"] == inf["flops_baseline"]
+            and inf["outputs_bitwise_equal_to_attached"]
+            and inf["state_dict_keys_equal"]
+        )
+        print(
+            f"{name:<20} {res['time_s']['baseline']:10.3f} {res['time_s']['rch']:10.3f} "
+            f"{res['time_ratio']:7.3f} {mem['baseline']:9.0f} {mem['rch']:9.0f} "
+            f"{res['memory_ratio']:7.3f}  {'identical' if same else 'DIFFERENT'}",
+            flush=True,
+        )
+    meta = {
+        "command": "python "
+        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "amp": args.amp,
+        "crop": args.crop,
+        "batch": args.batch,
+        "reps": args.reps,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
