@@ -142,3 +142,28 @@ def test_variants_train(tmp_path, override, value):
     assert all(r["loss"] == r["loss"] for r in logs)
     if override == "rch.warmup_iters":
         assert [r["rch"] == 0 for r in logs] == [True, True, False, False]
+
+
+def test_checkpoints_load_without_the_initial_weights(tmp_path):
+    from rch.train import load_network
+
+    result = train(tiny_config(tmp_path, train={"iters": 1}), progress=False)
+    path = result.run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    state["config"]["model"]["pretrained"] = str(tmp_path / "gone.pth")  # e.g. "hub" offline
+    save_checkpoint(path, {k: v for k, v in state.items() if k != "format"})
+    cfg, net, classes = load_network(result.run_dir)
+    assert cfg.model.pretrained.endswith("gone.pth") and len(classes) == 10
+    assert torch.equal(
+        net.module.state_dict()["head.prototypes"], state["model"]["head.prototypes"]
+    )
+
+
+def test_resume_warns_about_ignored_changes(tmp_path):
+    cfg = tiny_config(tmp_path, train={"iters": 2})
+    train(cfg, progress=False, stop_after=1)
+    with pytest.warns(UserWarning, match=r"ignoring changed setting\(s\) \['rch\.tau'\]"):
+        result = train(apply_overrides(cfg, ["rch.tau=0.25"]), resume=True, progress=False)
+    assert (
+        load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["config"]["rch"]["tau"] == 0.5
+    )

@@ -14,7 +14,15 @@ from ..errors import RCHError
 from .config import Config, apply_overrides
 from .trainer import train
 
-__all__ = ["GRID", "TABLE1", "Variant", "ablate", "format_ablation", "run_variants", "variants"]
+__all__ = [
+    "GRID",
+    "TABLE1",
+    "Variant",
+    "ablate",
+    "format_ablation",
+    "run_variants",
+    "variants",
+]
 
 TABLE1: dict[str, list[str]] = {
     "baseline": ["rch.enabled=false"],

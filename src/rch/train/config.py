@@ -25,8 +25,10 @@ __all__ = [
     "RCHConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_differences",
     "config_from_dict",
     "config_to_dict",
+    "flatten_dict",
     "load_config",
 ]
 
@@ -199,6 +201,27 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs.
+
+    Example:
+        >>> config_differences(Config(), apply_overrides(Config(), ["rch.tau=1"]))
+        ['rch.tau']
+    """
+    flat_a, flat_b = flatten_dict(config_to_dict(a)), flatten_dict(config_to_dict(b))
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+
+
+def flatten_dict(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

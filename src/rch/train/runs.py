@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,12 +37,14 @@ def load_network(path: str | Path) -> tuple[Config, Network, list[str]]:
     """
     state = load_checkpoint(resolve_checkpoint(path))
     cfg = config_from_dict(state["config"])
+    # the checkpoint holds every weight: never fetch or read the encoder's initial weights
+    built_cfg = replace(cfg, model=replace(cfg.model, pretrained=None))
     d = cfg.data
     classes = state.get("classes")
     if classes is None:
         dataset = build_dataset(d.name, d.root, d.val_split, d.ignore_index, **d.options)
         classes = list(dataset.info.classes)
-    net = build_network(cfg, len(classes))
+    net = build_network(built_cfg, len(classes))
     try:
         net.module.load_state_dict(state["model"])
     except RuntimeError as exc:

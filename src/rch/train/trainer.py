@@ -16,6 +16,7 @@ import resource
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from ..eval import EvalResult, InferenceConfig, evaluate, format_scores
 from ..hooks import RCHAttachment, attach
 from ..models import BuiltModel, build_model, split_outputs
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict, config_to_dict
+from .config import Config, config_differences, config_from_dict, config_to_dict
 from .logger import MetricsLogger, json_safe, read_metrics
 from .losses import ohem_keep, seg_cross_entropy
 
@@ -319,8 +320,14 @@ def train(
             raise RCHError(f"--resume: no checkpoint at {ckpt_path}")
         state = load_checkpoint(ckpt_path)
         saved = config_from_dict(state["config"])
-        if config_to_dict(saved) != config_to_dict(cfg):
-            cfg = saved  # the checkpoint's config wins: resuming continues that run
+        if config_to_dict(saved) != config_to_dict(cfg) and main:
+            changed = config_differences(saved, cfg)
+            warnings.warn(
+                f"--resume continues the run as it was configured; ignoring changed "
+                f"setting(s) {changed}",
+                stacklevel=2,
+            )
+        cfg = saved  # the checkpoint's config wins: resuming continues that run
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)

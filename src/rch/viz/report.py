@@ -15,6 +15,7 @@ import yaml
 from ..diagnostics import STAT_NAMES
 from ..errors import RCHError
 from ..eval.metrics import Scores
+from ..train.config import flatten_dict
 from ..train.logger import read_metrics
 from . import figures
 from .collect import RunSample, collect
@@ -54,17 +55,6 @@ def load_scores(run: Path) -> tuple[Scores, list[str]]:
             )
             return scores, classes
     raise RCHError(f"run {run} has no evaluation (eval.json); finish it or run `rch eval {run}`")
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -233,7 +223,7 @@ def write_report(
         ["iterations", cost(0, "iterations", 1, ".0f"), cost(1, "iterations", 1, ".0f")],
     ]
     configs = [
-        _flatten(yaml.safe_load((r / "config.yaml").read_text()) or {})
+        flatten_dict(yaml.safe_load((r / "config.yaml").read_text()) or {})
         if (r / "config.yaml").is_file()
         else {}
         for r in (a, b)
