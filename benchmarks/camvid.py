@@ -29,6 +29,7 @@ import torch
 
 from rch.train import config_from_dict
 from rch.train.ablate import GRID, TABLE1, Variant, run_variants, variants
+from rch.train.logger import json_safe
 
 RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
 BASE_VARIANTS = {
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["elapsed_s"] = round(time.time() - started)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(
-            json.dumps({"meta": meta, "summary": summary, "runs": done}, indent=1)
+            json.dumps(json_safe({"meta": meta, "summary": summary, "runs": done}), indent=1)
         )
         print(f"[{name} seed {seed}] mIoU {100 * scores['mIoU']:.2f}", flush=True)
 

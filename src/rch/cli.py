@@ -105,6 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval import format_scores
     from .train import evaluate_checkpoint, load_checkpoint, resolve_checkpoint
     from .train.config import config_from_dict
+    from .train.logger import json_safe
     from .train.trainer import inference_config
 
     path = resolve_checkpoint(args.checkpoint)
@@ -128,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_scores(result.scores, result.classes))
     split = args.split or cfg.data.val_split
     out = Path(args.out) if args.out else path.parent.parent / f"eval-{split}.json"
-    out.write_text(json.dumps({"inference": vars(infer), **result.to_dict()}, indent=1))
+    out.write_text(json.dumps(json_safe({"inference": vars(infer), **result.to_dict()}), indent=1))
     print(f"written: {out}")
     return 0
 

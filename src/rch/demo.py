@@ -14,6 +14,7 @@ from pathlib import Path
 from .data import parse_data_spec
 from .eval import Scores, format_comparison
 from .train.config import Config, apply_overrides, config_from_dict
+from .train.logger import json_safe
 from .train.trainer import TrainResult, train
 
 __all__ = ["DemoResult", "demo_config", "run_demo"]
@@ -96,7 +97,7 @@ def run_demo(
         "baseline": baseline.eval.scores.to_dict(classes),
         "rch": rch.eval.scores.to_dict(classes),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
     print(f"runs, checkpoints and metrics.jsonl: {baseline.run_dir} and {rch.run_dir}")
     print(f"summary: {out / 'summary.json'}")
     from .viz import write_report

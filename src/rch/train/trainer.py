@@ -451,7 +451,9 @@ def train(
     if it >= t.iters:
         result_eval = _evaluate(cfg, net, val_set, env.device, amp, it, logger, progress)
         if main:
-            (run_dir / "eval.json").write_text(json.dumps(result_eval.to_dict(), indent=1))
+            (run_dir / "eval.json").write_text(
+                json.dumps(json_safe(result_eval.to_dict()), indent=1)
+            )
             print(format_scores(result_eval.scores, result_eval.classes), flush=True)
     if main and net.attachment is not None:
         _write_stat_summary(run_dir, train_set.info.classes, stat_records, resume)
