@@ -66,17 +66,22 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
 def test_export_gives_the_baseline_state_dict(tmp_path):
     result = train(tiny_config(tmp_path, train={"iters": 2}), progress=False)
     model = export_checkpoint(result.run_dir, tmp_path / "deploy.pt")
-    saved = load_checkpoint(tmp_path / "deploy.pt")
-    fresh = build_model("tiny", 10, width=8).model
-    assert list(saved["state_dict"]) == list(fresh.state_dict())
-    fresh.load_state_dict(saved["state_dict"])
+    state_dict = torch.load(tmp_path / "deploy.pt", weights_only=True)
+    meta = json.loads((tmp_path / "deploy.json").read_text())
+    fresh = build_model(meta["model"]["name"], meta["num_classes"], **meta["model"]["options"])
+    fresh = fresh.model
+    assert list(state_dict) == list(fresh.state_dict())
+    fresh.load_state_dict(state_dict)
     trained = result.network.base.eval()
     fresh.eval()
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(fresh(x)["out"], trained(x)["out"])
         assert torch.equal(model(x)["out"], trained(x)["out"])
-    assert saved["classes"][0] == "sky" and saved["model"]["name"] == "tiny"
+    assert meta["classes"][0] == "sky" and meta["model"] == {
+        "name": "tiny",
+        "options": {"width": 8},
+    }
 
 
 def test_checkpoints_are_atomic_and_corruption_is_reported(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from ..data import build_dataset
 from ..errors import RCHError
 from ..eval import EvalResult, InferenceConfig, evaluate
 from ..hooks import export
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .config import Config, config_from_dict
 from .trainer import Network, build_network, inference_config
 
@@ -54,23 +57,35 @@ def load_network(path: str | Path) -> tuple[Config, Network, list[str]]:
 
 
 def export_checkpoint(path: str | Path, out: str | Path) -> nn.Module:
-    """Write the deployable network of a checkpoint: RCH removed, a plain ``state_dict``
-    whose keys and values equal the baseline architecture's.
+    """Write the deployable network of a checkpoint: RCH removed.
 
-    The file holds ``{"state_dict", "model", "num_classes", "classes"}`` (written atomically);
-    load it with ``rch.models.build_model(model["name"], num_classes, **model["options"])``.
+    ``out`` is a plain ``state_dict`` file (``torch.load`` it and pass it to the baseline
+    architecture's ``load_state_dict``), written atomically; ``out`` with suffix ``.json``
+    says which architecture: ``{"model": {"name", "options"}, "num_classes", "classes"}``,
+    so ``rch.models.build_model(name, num_classes, **options).model`` rebuilds it.
+
+    Returns:
+        The exported network (the baseline architecture with the trained weights).
     """
     cfg, net, classes = load_network(path)
     model = export(net.module)
-    state = {
-        "state_dict": model.state_dict(),
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(model.state_dict(), f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {
         "model": {"name": cfg.model.name, "options": cfg.model.options},
         "num_classes": len(classes),
         "classes": classes,
+        "source": str(resolve_checkpoint(path)),
     }
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(target, state)
+    target.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return model
 
 
