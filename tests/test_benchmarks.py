@@ -102,3 +102,21 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     stamp = (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns == stamp
+
+
+def test_loss_scaling_quick_fits_slopes(tmp_path: Path):
+    out = tmp_path / "scaling.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "loss_scaling.py"),
+        "--quick",
+        "--dims",
+        "16",
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "log-log slope" in run.stdout
+    data = json.loads(out.read_text())
+    assert [r["N"] for r in data["rows"]] == [2 * 32 * 64, 2 * 64 * 128]
+    assert set(data["fits"]["16"]) == {"time_slope_paper", "time_slope_bound", "memory_slope_paper"}
