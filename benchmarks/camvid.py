@@ -109,6 +109,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         diff = e.get("diff_mean", math.nan)
         se = e.get("diff_se", math.nan)
         per = " ".join(f"{d:+.2f}" for d in e.get("paired_diff", []))
+        if name == "baseline":
+            lines.append(f"{name:<14} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f}")
+            continue
         lines.append(
             f"{name:<14} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f} {diff:+12.2f}"
             f" {se:6.2f}  {per}"
