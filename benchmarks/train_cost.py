@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_cost import _kib
 from rch import export
 from rch.models import split_outputs
 from rch.train import build_network, config_from_dict
@@ -106,11 +107,6 @@ def time_network(name: str, args: argparse.Namespace) -> dict:
                 times[v].append(t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     return {"time_s": med, "times_s": times, "time_ratio": med["rch"] / med["baseline"]}
-
-
-def _kib(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
 
 
 def memory_child(name: str, variant: str, args: argparse.Namespace) -> float:

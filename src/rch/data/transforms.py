@@ -21,6 +21,7 @@ __all__ = [
     "Augment",
     "augment",
     "crop_or_pad",
+    "fit_size",
     "jitter",
     "normalize",
     "resize_pair",
@@ -54,6 +55,19 @@ class Augment:
     flip: bool = True
     jitter: float = 0.0
     ignore_index: int = 255
+
+
+def fit_size(h: float, w: float, box: tuple[int, int] | list[int] | None) -> tuple[float, float]:
+    """``(h, w)`` scaled, aspect kept, to fit inside ``box`` (``None``: unchanged).
+
+    Example:
+        >>> fit_size(360, 480, (180, 320))
+        (180.0, 240.0)
+    """
+    if not box:
+        return float(h), float(w)
+    fit = min(box[0] / h, box[1] / w)
+    return h * fit, w * fit
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -136,10 +150,7 @@ def augment(image: Tensor, mask: Tensor, cfg: Augment, g: torch.Generator) -> tu
         ((3, 16, 16), (16, 16))
     """
     x = image.float()
-    h, w = float(x.shape[-2]), float(x.shape[-1])
-    if cfg.base_size is not None:
-        fit = min(cfg.base_size[0] / h, cfg.base_size[1] / w)
-        h, w = h * fit, w * fit
+    h, w = fit_size(x.shape[-2], x.shape[-1], cfg.base_size)
     if cfg.scales:
         scale = cfg.scales[int(torch.randint(0, len(cfg.scales), (), generator=g))]
     else:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.transforms import fit_size
+
 __all__ = ["PAPER_SCALES", "InferenceConfig", "predict_probs", "slide_logits", "whole_logits"]
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
@@ -98,11 +100,11 @@ def predict_probs(forward: Forward, image: Tensor, cfg: InferenceConfig) -> Tens
     """Class probabilities ``(B, K, H, W)`` at the input size, averaged over the configured
     scales and flips."""
     h, w = image.shape[-2:]
-    fit = min(cfg.base_size[0] / h, cfg.base_size[1] / w) if cfg.base_size else 1.0
+    fh, fw = fit_size(h, w, cfg.base_size)
     total: Tensor | None = None
     n = 0
     for scale in cfg.scales:
-        size = (max(1, round(h * fit * scale)), max(1, round(w * fit * scale)))
+        size = (max(1, round(fh * scale)), max(1, round(fw * scale)))
         x = (
             image
             if size == (h, w)

@@ -11,19 +11,20 @@ import torch
 
 from ..errors import RCHError
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["atomic_save", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "rch-checkpoint-1"
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` so that a crash leaves either the old or the new file."""
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` so that a crash leaves either the old or the new file
+    (a temporary file beside it, flushed to disk, then renamed over it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,6 +32,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a training checkpoint atomically (see :func:`atomic_save`)."""
+    return atomic_save({"format": FORMAT, **state}, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

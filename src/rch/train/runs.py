@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from ..data import build_dataset
 from ..errors import RCHError
 from ..eval import EvalResult, InferenceConfig, evaluate
 from ..hooks import export
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_save, load_checkpoint
 from .config import Config, config_from_dict
 from .trainer import Network, build_network, inference_config
 
@@ -69,16 +67,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> nn.Module:
     """
     cfg, net, classes = load_network(path)
     model = export(net.module)
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(model.state_dict(), f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = atomic_save(model.state_dict(), out)
     meta = {
         "model": {"name": cfg.model.name, "options": cfg.model.options},
         "num_classes": len(classes),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import build_dataset
-from ..data.transforms import normalize
+from ..data.transforms import fit_size, normalize
 from ..diagnostics import calibration_maps
 from ..hooks import _FeatureHook
 from ..models import split_outputs
@@ -71,9 +71,8 @@ def pixel_scores(logits: Tensor, labels: Tensor, ignore_index: int) -> dict[str,
 def _prepare(image: Tensor, base_size: list[int] | None) -> Tensor:
     x = normalize(image)[None]
     if base_size:
-        h, w = x.shape[-2:]
-        fit = min(base_size[0] / h, base_size[1] / w)
-        size = (max(1, round(h * fit)), max(1, round(w * fit)))
+        fh, fw = fit_size(x.shape[-2], x.shape[-1], base_size)
+        size = (max(1, round(fh)), max(1, round(fw)))
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x
 
