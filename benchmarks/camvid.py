@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_meta
 from rch.train import config_from_dict
 from rch.train.ablate import GRID, TABLE1, Variant, run_variants, variants
 from rch.train.logger import json_safe
@@ -160,17 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             grid=args.grid,
         )
         runs += [v for v in extra if v.name not in {r.name for r in runs}]
-    meta = {
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "results", "root")},
-        "variants": {v.name: list(v.overrides) for v in runs},
-        "grid": {k: list(v) for k, v in GRID.items()} if args.grid else None,
-    }
+    meta = run_meta(
+        argv,
+        config={k: v for k, v in vars(args).items() if k not in ("out", "results", "root")},
+        variants={v.name: list(v.overrides) for v in runs},
+        grid={k: list(v) for k, v in GRID.items()} if args.grid else None,
+    )
     done: dict[str, list[dict[str, Any]]] = {v.name: [] for v in runs}
     started = time.time()
 

@@ -15,16 +15,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_meta
 from loss_cost import make_inputs, run_once
 
 MAPS = ((32, 64), (64, 128), (128, 256), (256, 512))
@@ -89,16 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             f"D={d}: log-log slope vs N: time {f['time_slope_paper']:.2f} (bound "
             f"{f['time_slope_bound']:.2f}), memory {f['memory_slope_paper']:.2f}"
         )
-    meta = {
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "B": args.batch,
-        "K": args.classes,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    meta = run_meta(
+        argv,
+        B=args.batch,
+        K=args.classes,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "fits": fits}, indent=1))
     print(f"written: {args.out}")

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_meta
 from loss_cost import _kib
 from rch import export
 from rch.models import split_outputs
@@ -219,19 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['memory_ratio']:7.3f}  {'identical' if same else 'DIFFERENT'}",
             flush=True,
         )
-    meta = {
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": args.device,
-        "amp": args.amp,
-        "crop": args.crop,
-        "batch": args.batch,
-        "reps": args.reps,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    meta = run_meta(
+        argv,
+        device=args.device,
+        amp=args.amp,
+        crop=args.crop,
+        batch=args.batch,
+        reps=args.reps,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"written: {args.out}")

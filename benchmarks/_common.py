@@ -1,0 +1,23 @@
+"""What every benchmark records about how and where it ran."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def run_meta(argv: list[str] | None, **extra: Any) -> dict[str, Any]:
+    """The exact command, the machine, the torch build and the date, plus ``extra``."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "command": "python " + " ".join([sys.argv[0], *args]),
+        "machine": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        **extra,
+    }
