@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .loss import Formulation, calibration_terms, unit
-from .stats import PixelSets, class_stats, flatten_pixels, pixel_sets, resize_labels, resize_logits
+from .stats import PixelSets, flatten_pixels, pixel_sets, resize_labels, resize_logits, set_counts
 
 __all__ = [
     "STAT_NAMES",
@@ -146,9 +146,7 @@ def calibration_stats(
     target = sets.label.clamp_max(k - 1)
     own = cos.gather(1, target[:, None]).squeeze(1)
     others = cos.scatter(1, target[:, None], float("-inf")).amax(1) if k > 1 else own * 0
-    codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
-    confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
-    tp, fn, fp = class_stats(confusion)
+    tp, fn, fp = set_counts(sets, k)
     if new_prototypes is None:
         drift = torch.zeros(k, device=prototypes.device)
     else:

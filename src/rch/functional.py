@@ -27,12 +27,12 @@ from .loss import Formulation, calibration_terms, margin_logits, unit
 from .prototypes import ema_update
 from .stats import (
     PixelSets,
-    class_stats,
     flatten_pixels,
     pixel_sets,
     resize_labels,
     resize_logits,
     segment_sum,
+    set_counts,
 )
 
 __all__ = ["PrototypeSource", "RCHLossOutput", "rch_loss"]
@@ -310,9 +310,7 @@ def _rch_loss(
         loss_fn, loss_fp, prototypes, updated = _official_loss(
             rows, sets, labels, prototypes, p_true, target, members, (b, h, w), step
         )
-    codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
-    confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
-    tp, fn, fp = class_stats(confusion)
+    tp, fn, fp = set_counts(sets, k)
     return RCHLossOutput(loss_fn + loss_fp, loss_fn, loss_fp, prototypes, updated, tp, fn, fp)
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "resize_labels",
     "resize_logits",
     "segment_sum",
+    "set_counts",
 ]
 
 
@@ -136,3 +137,18 @@ def class_stats(confusion: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     tp = confusion.diagonal()
     return tp, confusion.sum(1) - tp, confusion.sum(0) - tp
+
+
+def set_counts(sets: PixelSets, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class ``(tp, fn, fp)`` pixel counts of :class:`PixelSets` (ignored pixels skipped).
+
+    Example:
+        >>> import torch
+        >>> s = pixel_sets(torch.tensor([[0, 1, 255]]), torch.tensor([[0, 0, 1]]), 2, 255)
+        >>> [t.tolist() for t in set_counts(s, 2)]
+        [[1, 0], [0, 1], [1, 0]]
+    """
+    k = num_classes
+    codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
+    confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
+    return class_stats(confusion)
