@@ -11,6 +11,7 @@ from rch.stats import (
     class_stats,
     confusion_matrix,
     pixel_sets,
+    prediction_confidence,
     resize_labels,
     segment_sum,
 )
@@ -63,3 +64,42 @@ def test_ema_update_by_hand():
     assert new.tolist() == [[1.25, 0.75], [2.0, 2.0], [4.5, 4.5]]
     new.sum().backward()
     assert sums.grad.tolist() == [[0.125, 0.125], [0.0, 0.0], [0.25, 0.25]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    k=st.integers(1, 40),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    levels=st.sampled_from([None, 2, 3]),
+    seed=st.integers(0, 2**16),
+    double=st.booleans(),
+)
+def test_prediction_confidence_equals_argmax_and_softmax(b, k, h, w, levels, seed, double):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    logits = torch.randn(b, k, h, w, generator=g, dtype=dtype)
+    if levels is not None:  # few distinct values: many ties, where the first index must win
+        logits = torch.randint(0, levels, (b, k, h, w), generator=g).to(dtype)
+    target = torch.randint(0, k, (b, h, w), generator=g)
+    pred, prob = prediction_confidence(logits, target)
+    assert torch.equal(pred, logits.argmax(1))
+    expected = logits.softmax(1).gather(1, target[:, None])[:, 0]
+    assert prob.dtype == dtype
+    torch.testing.assert_close(prob, expected, rtol=1e-6 if double else 1e-5, atol=0.0)
+
+
+def test_prediction_confidence_blocks_cover_every_pixel(monkeypatch):
+    """Blocks smaller than an image (and a ragged last block) give the same answer."""
+    import rch.stats as stats
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 7, 5, 11, generator=g)
+    target = torch.randint(0, 7, (2, 5, 11), generator=g)
+    whole = prediction_confidence(logits, target)
+    monkeypatch.setattr(stats, "PREDICTION_BLOCK", 7 * 4)  # 4 pixels per block, 55 = 13*4+3
+    blocked = stats.prediction_confidence(logits, target)
+    assert torch.equal(blocked[0], whole[0])
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-6, atol=0.0)
+    assert torch.equal(whole[0], logits.argmax(1))

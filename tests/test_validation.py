@@ -120,3 +120,26 @@ def test_validation_survives_python_optimize_flag():
         [sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("raised labels holds values outside [0, 3)")
+
+
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+@pytest.mark.parametrize("bad", [float("-inf"), float("nan")])
+def test_non_finite_embeddings_found_through_row_norms(formulation, bad):
+    """The embedding check reads the row norms; every non-finite kind in any row is found."""
+    c = make_case(seed=1)
+    emb = c.embeddings.detach().clone()
+    emb[1, 2, 0, 1] = bad
+    kind = "NaN" if bad != bad else "Inf"
+    with pytest.raises(
+        ValueError, match=rf"embeddings contains 1 non-finite .*\({kind}\).*\(1, 2, 0, 1\)"
+    ):
+        _call(embeddings=emb, formulation=formulation)
+
+
+def test_huge_finite_embeddings_are_not_rejected():
+    """A row whose norm overflows float32 holds only finite values: no error."""
+    c = make_case(seed=1)
+    emb = c.embeddings.detach().clone()
+    emb[0, :, 0, 0] = 3e38
+    out = _call(embeddings=emb)
+    assert torch.isfinite(out.loss)

@@ -26,7 +26,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from .distributed import world_size
 from .loss import EPS
 from .prototypes import ema_update
-from .stats import PixelSets, segment_sum
+from .stats import PixelSets
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
 
@@ -45,6 +45,7 @@ class PaperPlan:
     fn_term: bool
     fp_term: bool
     group: dist.ProcessGroup | None
+    norms: Tensor | None = None  # (N,) row norms when the caller computed them already
 
 
 CHUNK_BYTES = 1 << 21
@@ -56,20 +57,32 @@ class _Blocks:
 
     A gather ``table[index]`` is written block by block into the buffer and consumed at
     once, so no ``(N, D)`` temporary is ever allocated and the gathered rows never leave
-    the cache.
+    the cache. The buffer holds ``count`` rows per pixel, for gathers from tables that
+    stack ``count`` rows per bin; the block size keeps it within :data:`CHUNK_BYTES`
+    (a larger one is a fresh, page-faulting allocation on every call).
     """
 
-    def __init__(self, like: Tensor) -> None:
+    def __init__(self, like: Tensor, count: int = 1) -> None:
         n, d = like.shape
-        self.size = max(64, CHUNK_BYTES // max(1, d * like.element_size()))
+        count = max(count, 1)
+        self.size = max(64, CHUNK_BYTES // max(1, count * d * like.element_size()))
         if like.device.type != "cpu":  # a caching allocator and wide kernels: one block
             self.size = max(n, 1)
         self.slices = [slice(i, min(i + self.size, n)) for i in range(0, n, self.size)]
-        self.buffer = like.new_empty(min(self.size, max(n, 1)), d)
+        self.buffer = like.new_empty(min(self.size, max(n, 1)), count, d)
+
+    def rows(self, n: int) -> Tensor:
+        """The buffer's first ``n * D`` entries as a contiguous ``(n, D)`` block."""
+        d = self.buffer.shape[2]
+        return self.buffer.view(-1)[: n * d].view(n, d)
 
     def gather(self, table: Tensor, index: Tensor, part: slice) -> Tensor:
-        rows = self.buffer[: part.stop - part.start]
-        return torch.index_select(table, 0, index[part], out=rows)
+        """Rows ``table[index[part]]``; ``table`` is ``(bins, D)`` or ``(bins, count * D)``."""
+        n = part.stop - part.start
+        out = (
+            self.rows(n) if table.shape[1] == self.buffer.shape[2] else self.buffer[:n].view(n, -1)
+        )
+        return torch.index_select(table, 0, index[part], out=out)
 
 
 def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
@@ -96,14 +109,22 @@ class _PaperLoss(torch.autograd.Function):
         ctx: FunctionCtx, rows: Tensor, prototypes: Tensor, plan: PaperPlan
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sets, k = plan.sets, prototypes.shape[0]
-        norms = torch.linalg.vector_norm(rows, dim=1)
+        norms = torch.linalg.vector_norm(rows, dim=1) if plan.norms is None else plan.norms
         denom = (norms + EPS).unsqueeze(1)
-        units = rows / denom
+        units = torch.empty_like(rows)
+        blocks = _Blocks(units, int(plan.fn_term) + int(plan.fp_term))
         protos, present, counts = prototypes.clone(), None, None
         members = None if plan.members is None else torch.where(plan.members, sets.label, k)
-        if members is not None:
-            sums, int_counts = segment_sum(rows, members, k)
-            counts = int_counts.to(rows.dtype)
+        sums = rows.new_zeros(k + 1, rows.shape[1]) if members is not None else None
+        # one pass over the rows: the unit rows, and the member rows' per-class sums while
+        # the block is still in cache
+        for part in blocks.slices:
+            torch.div(rows[part], denom[part], out=units[part])
+            if sums is not None and members is not None:
+                sums.index_add_(0, members[part], rows[part])
+        if sums is not None and members is not None:
+            counts = torch.bincount(members, minlength=k + 1)[:k].to(rows.dtype)
+            sums = sums[:k]
             if world_size(plan.group) > 1:
                 pooled = torch.cat([sums, counts.unsqueeze(1)], 1)
                 dist.all_reduce(pooled, group=plan.group)
@@ -123,7 +144,6 @@ class _PaperLoss(torch.autograd.Function):
             for name, on, cls in (("fn", plan.fn_term, sets.label), ("fp", plan.fp_term, sets.pred))
             if on
         }
-        blocks = _Blocks(units)
         wrong = sets.wrong.nonzero().squeeze(1)
         centre_sums = {name: units.new_zeros(bins + 1, units.shape[1]) for name in errors}
         for start in range(0, wrong.shape[0], blocks.size) if errors else ():
@@ -131,22 +151,30 @@ class _PaperLoss(torch.autograd.Function):
             block = blocks.gather(units, rows_at, slice(0, rows_at.shape[0]))
             for name, index in errors.items():
                 centre_sums[name].index_add_(0, index[rows_at], block)
-        tables: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        for name, index in errors.items():
-            size = torch.bincount(index, minlength=bins + 1).to(units.dtype)
-            size[bins] = 0
-            table = centre_sums[name].div_(size.clamp_min(1).unsqueeze(1))
+        # the FN and FP centres side by side, (bins + 1, T, D): both are read at the anchor's
+        # own bin, so one gather serves the two
+        names = list(errors)
+        sizes = units.new_zeros(bins + 1, len(names))
+        for j, name in enumerate(names):
+            sizes[:, j] = torch.bincount(errors[name], minlength=bins + 1)
+        sizes[bins] = 0
+        table = torch.stack([centre_sums[name] for name in names], 1) if names else None
+        has = sizes[anchor] > 0  # (N, T)
+        dots = units.new_empty(units.shape[0], len(names))
+        if table is not None:
+            table.div_(sizes.clamp_min(1).unsqueeze(2))
             table[bins] = 0
-            tables[name] = (table, size, index, size[anchor] > 0)
-        dots = {name: units.new_empty(units.shape[0]) for name in tables}
-        if tables:
+            flat_table = table.view(bins + 1, -1)
             for part in blocks.slices:
-                for name, (table, _, _, _) in tables.items():
-                    dots[name][part] = _dot_rows(units[part], blocks.gather(table, anchor, part))
+                n = part.stop - part.start
+                gathered = blocks.gather(flat_table, anchor, part)
+                torch.linalg.vecdot(
+                    gathered.view(n, len(names), -1), units[part].unsqueeze(1), out=dots[part]
+                )
         margins: dict[str, Tensor | None] = {"fn": None, "fp": None}
-        for name, (_, _, _, has) in tables.items():
+        for j, name in enumerate(names):
             sign = -1.0 if name == "fn" else 1.0
-            margins[name] = plan.weight * torch.where(has, 1.0 + sign * dots[name], 0.0)
+            margins[name] = plan.weight * torch.where(has[:, j], 1.0 + sign * dots[:, j], 0.0)
 
         # Both cross-entropies from one exponential: the margins only lower the true-class
         # logit (m >= 0), so with E = exp(cos / tau - max) and S_other the sum of E off the
@@ -170,7 +198,11 @@ class _PaperLoss(torch.autograd.Function):
             losses.append(torch.where(valid, nll, 0.0).sum() / max(n_valid, 1))
             totals.append(total)
         ctx.plan = plan  # type: ignore[attr-defined]
-        ctx.tables = tables  # type: ignore[attr-defined]
+        ctx.names = names  # type: ignore[attr-defined]
+        ctx.table = table  # type: ignore[attr-defined]
+        ctx.sizes = sizes  # type: ignore[attr-defined]
+        ctx.errors = [errors[name] for name in names]  # type: ignore[attr-defined]
+        ctx.has = has  # type: ignore[attr-defined]
         ctx.n_valid = n_valid  # type: ignore[attr-defined]
         ctx.members = members  # type: ignore[attr-defined]
         ctx.save_for_backward(
@@ -231,32 +263,34 @@ class _PaperLoss(torch.autograd.Function):
         d_proto_units = d_cos.T @ units
         # pass 1, block by block: the gathered FN/FP centres into dU, and the weighted sums
         # of anchors that flow back into the pixels that formed each centre
-        live = []
-        for i, name in enumerate(("fn", "fp")):
-            if name in ctx.tables:
-                table, size, errors, has = ctx.tables[name]
-                sign = -1.0 if name == "fn" else 1.0
-                # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
-                d_dot = torch.where(has, -plan.weight * sign * d_true[i], 0.0)
-                live.append((table, size, errors, d_dot, units.new_zeros(table.shape)))
-        blocks = _Blocks(units)
-        if live:
+        names, table, sizes, has = ctx.names, ctx.table, ctx.sizes, ctx.has
+        t = len(names)
+        blocks = _Blocks(units, t)
+        back = None
+        if table is not None:
+            # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
+            signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
+            d_dot = torch.stack([signed[name] for name in names], 1).where(has, 0.0)
+            back = units.new_zeros(table.shape[0], t * units.shape[1])
+            flat_table = table.view(table.shape[0], -1)
             for part in blocks.slices:
-                u, du, bins_at = units[part], d_units[part], anchor[part]
-                for table, _, _, d_dot, back in live:
-                    du.addcmul_(blocks.gather(table, anchor, part), d_dot[part].unsqueeze(1))
-                    rows = blocks.buffer[: part.stop - part.start]
-                    back.index_add_(0, bins_at, torch.mul(u, d_dot[part].unsqueeze(1), out=rows))
-        for _, size, _, _, back in live:
-            back /= size.clamp_min(1).unsqueeze(1)  # the spare bin has size 0 and stays 0
-        # the centres' own gradient, into the misclassified pixels that formed them
-        for start in range(0, wrong.shape[0] if live else 0, blocks.size):
-            rows_at = wrong[start : start + blocks.size]
-            first = slice(0, rows_at.shape[0])
-            block = blocks.gather(live[0][4], live[0][2][rows_at], first)
-            for _, _, errors, _, back in live[1:]:
-                block += back.index_select(0, errors[rows_at])
-            d_units.index_add_(0, rows_at, block)
+                n, dd, du = part.stop - part.start, d_dot[part], d_units[part]
+                gathered = blocks.gather(flat_table, anchor, part).view(n, t, -1)
+                for j in range(t):
+                    du.addcmul_(gathered[:, j], dd[:, j : j + 1])
+                spread = torch.mul(units[part].unsqueeze(1), dd.unsqueeze(2), out=blocks.buffer[:n])
+                back.index_add_(0, anchor[part], spread.view(n, -1))
+            back = back.view(table.shape[0], t, -1)
+            back /= sizes.clamp_min(1).unsqueeze(2)  # the spare bin has size 0 and stays 0
+            # the centres' own gradient, into the misclassified pixels that formed them
+            for start in range(0, wrong.shape[0], blocks.size):
+                rows_at = wrong[start : start + blocks.size]
+                block = blocks.gather(
+                    back[:, 0], ctx.errors[0][rows_at], slice(0, rows_at.shape[0])
+                )
+                for j in range(1, t):
+                    block += back[:, j].index_select(0, ctx.errors[j][rows_at])
+                d_units.index_add_(0, rows_at, block)
         d_protos = _unit_backward_(d_proto_units, proto_units, proto_norms)
         d_protos = d_protos + g_protos
         d_prototypes, padded, members = d_protos, None, ctx.members

@@ -19,7 +19,15 @@ import torch
 from torch import Tensor
 
 from .loss import Formulation, calibration_terms, unit
-from .stats import PixelSets, flatten_pixels, pixel_sets, resize_labels, resize_logits, set_counts
+from .stats import (
+    PixelSets,
+    flatten_pixels,
+    pixel_sets,
+    prediction_confidence,
+    resize_labels,
+    resize_logits,
+    set_counts,
+)
 
 __all__ = [
     "STAT_NAMES",
@@ -79,7 +87,8 @@ def _prepare(
     _, _, h, w = embeddings.shape
     small = resize_labels(labels, (h, w))
     logits = resize_logits(_work(seg_logits), (h, w))
-    sets = pixel_sets(small, logits.max(1).indices, num_classes, ignore_index)
+    pred, _ = prediction_confidence(logits, torch.zeros_like(small))
+    sets = pixel_sets(small, pred, num_classes, ignore_index)
     rows = flatten_pixels(_work(embeddings))
     return sets, rows, unit(rows)
 

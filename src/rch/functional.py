@@ -29,6 +29,7 @@ from .stats import (
     PixelSets,
     flatten_pixels,
     pixel_sets,
+    prediction_confidence,
     resize_labels,
     resize_logits,
     segment_sum,
@@ -128,7 +129,7 @@ def _validate(
         raise ValueError(f"momentum tensor must have shape ({k},); got {tuple(momentum.shape)}.")
     check_probability("momentum", momentum)
     check_labels("labels", labels, k, ignore_index)
-    check_finite("embeddings", embeddings)
+    # embeddings: checked in _rch_loss, from the row norms that the loss computes anyway
     check_finite("seg_logits", seg_logits)
     check_finite("prototypes", prototypes)
 
@@ -286,10 +287,17 @@ def _rch_loss(
     k = prototypes.shape[0]
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w))
-    sets = pixel_sets(small_labels, logits.max(1).indices, k, step.ignore_index)
-    target = sets.label.clamp_max(k - 1)  # any class for ignored pixels: their margin is 0
-    p_true = logits.softmax(1).gather(1, target.view(b, 1, h, w)).reshape(-1)
+    # any class stands in for an ignored pixel's target: its margin and loss are zero
+    target = torch.where(small_labels == step.ignore_index, 0, small_labels)
+    pred, p_true = prediction_confidence(logits, target)
+    sets = pixel_sets(small_labels, pred, k, step.ignore_index)
+    target, p_true = target.reshape(-1), p_true.reshape(-1)
     rows = flatten_pixels(embeddings)
+    # a row's norm is finite exactly when its entries are (short of an overflow of the
+    # norm itself, which check_finite then lets through)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        check_finite("embeddings", embeddings)
     # the pixels whose embeddings feed the EMA: TP (paper) or all labelled ("gt"); none in eval
     members = None if not step.update else sets.correct if step.source == "tp" else sets.valid
     if step.formulation == "paper":
@@ -304,6 +312,7 @@ def _rch_loss(
             fp_term=step.fp_term,
             group=step.group,
             members=members,
+            norms=norms,
         )
         loss_fn, loss_fp, prototypes, updated = fused_paper_loss(rows, prototypes, plan)
     else:

@@ -19,6 +19,7 @@ __all__ = [
     "confusion_matrix",
     "flatten_pixels",
     "pixel_sets",
+    "prediction_confidence",
     "resize_labels",
     "resize_logits",
     "segment_sum",
@@ -59,6 +60,65 @@ def resize_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
 def flatten_pixels(x: Tensor) -> Tensor:
     """``(B, C, h, w)`` -> ``(B * h * w, C)``, pixels in row-major order per image."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+PREDICTION_BLOCK = 1 << 19
+"""Logit elements per block in :func:`prediction_confidence` (2 MiB of float32)."""
+
+
+def prediction_confidence(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Argmax class and softmax probability of ``target``, per pixel, from ``(B, K, h, w)`` logits.
+
+    Equal to ``logits.argmax(1)`` (first index on ties) and
+    ``logits.softmax(1).gather(1, target[:, None])[:, 0]``, but computed over blocks of one
+    image's pixels in two reused buffers. On the CPU the two stock calls reduce across the
+    strided class axis in slow kernels and allocate a full ``(B, K, h, w)`` result each,
+    which costs more than the prototype cross-entropy itself at K = 150 (see
+    ``benchmarks/RESULTS.md``).
+
+    Args:
+        logits: ``(B, K, h, w)`` floating logits.
+        target: ``(B, h, w)`` int64 classes in ``[0, K)``.
+
+    Returns:
+        ``(pred, prob)``: ``(B, h, w)`` int64 and ``(B, h, w)`` in the dtype of ``logits``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.tensor([[[[0.0]], [[2.0]], [[2.0]]]])  # (1, 3, 1, 1); a tie
+        >>> pred, prob = prediction_confidence(z, torch.tensor([[[0]]]))
+        >>> pred.tolist(), round(prob.item(), 4)
+        ([[[1]]], 0.0634)
+    """
+    b, k, h, w = logits.shape
+    n = h * w
+    if logits.device.type != "cpu":  # fast native reductions, a caching allocator
+        pred = logits.argmax(1)
+        prob = logits.softmax(1).gather(1, target[:, None])[:, 0]
+        return pred, prob
+    flat = logits.reshape(b, k, n)
+    goal = target.reshape(b, 1, n)
+    step = max(1, min(n, PREDICTION_BLOCK // max(k, 1)))
+    pred = torch.empty(b, n, dtype=torch.int64)
+    prob = logits.new_empty(b, n)
+    exps = logits.new_empty(k * step)
+    # the first arg-max is the largest of (K - index) over the classes that reach the maximum
+    rank_dtype = torch.int16 if k < 2**15 else torch.int32
+    rank = torch.arange(k, 0, -1, dtype=rank_dtype).unsqueeze(1)
+    ranks = torch.empty(k * step, dtype=rank_dtype)
+    for i in range(b):
+        for start in range(0, n, step):
+            part = slice(start, min(start + step, n))
+            z = flat[i, :, part]
+            width = z.shape[1]
+            e, r = exps[: k * width].view(k, width), ranks[: k * width].view(k, width)
+            peak = z.amax(0)
+            torch.sub(z, peak, out=e).exp_()
+            torch.div(e.gather(0, goal[i, :, part]).squeeze(0), e.sum(0), out=prob[i, part])
+            torch.eq(z, peak, out=r)
+            torch.sub(k, r.mul_(rank).amax(0), out=pred[i, part])
+    # a NaN logit matches no maximum; keep the index a class all the same
+    return pred.clamp_max_(k - 1).view(b, h, w), prob.view(b, h, w)
 
 
 def pixel_sets(labels: Tensor, pred: Tensor, num_classes: int, ignore_index: int) -> PixelSets:
