@@ -32,6 +32,11 @@ def test_loss_cost_quick_writes_json(tmp_path: Path):
     row = data["rows"][0]
     assert set(row["results"]) == {"ce", "bound", "autograd", "paper", "official", "pairwise"}
     assert all(r["time_s"] > 0 and r["peak_mib"] >= 0 for r in row["results"].values())
+    times = row["results"]
+    assert (
+        row["paper_over_bound_time_paired"]
+        == times["paper"]["times_s"][0] / (times["bound"]["times_s"][0])
+    )
     assert data["meta"]["command"].startswith("python")
 
 

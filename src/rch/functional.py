@@ -295,7 +295,7 @@ def _rch_loss(
     rows = flatten_pixels(embeddings)
     # a row's norm is finite exactly when its entries are (short of an overflow of the
     # norm itself, which check_finite then lets through)
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    norms = torch.linalg.vector_norm(rows.detach(), dim=1)  # data only: keeps no graph
     if not bool(torch.isfinite(norms).all()):
         check_finite("embeddings", embeddings)
     # the pixels whose embeddings feed the EMA: TP (paper) or all labelled ("gt"); none in eval
