@@ -10,7 +10,7 @@ Every run is resumable: rerunning the same command skips finished runs and resum
 interrupted one from its last checkpoint; results are rewritten after every run.
 
 Run: ``python benchmarks/camvid.py --root ../shared/data/camvid [--variants baseline paper
-official] [--ablation] [--grid] [--seeds 0 1 2] [--iters 1000]``
+official] [--ablation] [--grid] [--seeds 0 1 2] [--iters 1000] [--jobs 2]``
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-size", type=int, nargs=2, default=[180, 240])
     p.add_argument("--crop", type=int, nargs=2, default=[160, 224])
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="per run; 0: cores / jobs")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (processes)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-camvid"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/camvid.json"))
     p.add_argument("--no-progress", action="store_true")
@@ -178,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"[{name} seed {seed}] mIoU {100 * scores['mIoU']:.2f}", flush=True)
 
-    results = run_variants(cfg, runs, args.seeds, progress=not args.no_progress, on_done=save)
+    results = run_variants(
+        cfg, runs, args.seeds, progress=not args.no_progress, on_done=save, jobs=args.jobs
+    )
     print(format_summary(summarize(results, args.seeds)))
     print(f"written: {args.results}")
     return 0

@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=None, help="subset of the Table 1 rows")
     p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, one process each (CPU)"
+    )
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -157,7 +160,12 @@ def _ablate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     results = ablate(
-        cfg, args.rows or tuple(TABLE1), args.grid, args.seeds, progress=not args.no_progress
+        cfg,
+        args.rows or tuple(TABLE1),
+        args.grid,
+        args.seeds,
+        progress=not args.no_progress,
+        jobs=args.jobs,
     )
     print(format_ablation(results))
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import statistics
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,38 +75,94 @@ def variants(rows: Sequence[str] = tuple(TABLE1), grid: bool = False) -> list[Va
     return out
 
 
+def _train_run(run: Config, progress: bool) -> dict[str, Any]:
+    """Train one run unless it is finished (resuming an interrupted one); its ``eval.json``."""
+    run_dir = Path(run.train.out_dir) / run.name
+    done = run_dir / "eval.json"
+    if not done.is_file():
+        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        train(run, resume=resume, overwrite=not resume, progress=progress)
+    if not done.is_file():
+        raise RCHError(f"run {run.name} finished without an evaluation ({done})")
+    scores: dict[str, Any] = json.loads(done.read_text())
+    return scores
+
+
 def run_variants(
     cfg: Config,
     runs: Sequence[Variant],
     seeds: Sequence[int] = (0,),
     progress: bool = True,
     on_done: Callable[[str, int, dict[str, Any]], None] | None = None,
+    jobs: int = 1,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every variant for every seed (seed-major: all variants of a seed
     before the next seed, so paired comparisons complete early). Finished runs
     (``eval.json`` present) are reused and interrupted ones resumed, so the whole batch can
     be restarted at any time.
 
+    Args:
+        cfg: the base configuration; each run is ``cfg`` with the variant's overrides, the
+            seed, and the name ``NAME-VARIANT-sSEED``.
+        runs: the variants.
+        seeds: the seeds, each run by every variant.
+        progress: a progress bar (per run with ``jobs=1``; over the runs otherwise).
+        on_done: called with ``(variant, seed, scores)`` for every run, in seed-major order
+            (with ``jobs > 1`` a run that finishes early is reported once those before it are).
+        jobs: runs trained at once, each in its own process. On a CPU, two one-thread
+            processes train about 1.3x faster than one two-thread process. With
+            ``train.threads = 0`` each process gets ``cpu_count // jobs`` threads. Runs of
+            one seed should share a thread count: it changes the rounding, so the paired
+            runs would no longer start from the same arithmetic.
+
     Returns:
         variant name -> the ``eval.json`` contents per seed, in ``seeds`` order.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1; got {jobs}.")
+    order = [(seed, variant) for seed in seeds for variant in runs]
+    configs = []
+    for seed, variant in order:
+        extra = [f"name={cfg.name}-{variant.name}-s{seed}", f"seed={seed}"]
+        if jobs > 1 and cfg.train.threads == 0:
+            extra.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
+        configs.append(apply_overrides(cfg, [*variant.overrides, *extra]))
     results: dict[str, list[dict[str, Any]]] = {v.name: [] for v in runs}
-    base_dir = Path(cfg.train.out_dir)
-    for seed in seeds:
-        for variant in runs:
-            name = f"{cfg.name}-{variant.name}-s{seed}"
-            run = apply_overrides(cfg, [*variant.overrides, f"name={name}", f"seed={seed}"])
-            run_dir = base_dir / name
-            done = run_dir / "eval.json"
-            if not done.is_file():
-                resume = (run_dir / "checkpoints" / "last.pt").is_file()
-                train(run, resume=resume, overwrite=not resume, progress=progress)
-            if not done.is_file():
-                raise RCHError(f"run {name} finished without an evaluation ({done})")
-            scores = json.loads(done.read_text())
-            results[variant.name].append(scores)
+    scores: dict[int, dict[str, Any]] = {}
+    reported = 0
+
+    def report() -> None:  # hand on finished runs in seed-major order
+        nonlocal reported
+        while reported in scores:
+            seed, variant = order[reported]
+            results[variant.name].append(scores[reported])
             if on_done is not None:
-                on_done(variant.name, seed, scores)
+                on_done(variant.name, seed, scores[reported])
+            reported += 1
+
+    if jobs == 1:
+        for i, run in enumerate(configs):
+            scores[i] = _train_run(run, progress)
+            report()
+        return results
+    from tqdm.auto import tqdm
+
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    bar = tqdm(total=len(configs), desc="runs", unit="run", disable=not progress)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        pending = {pool.submit(_train_run, run, False): i for i, run in enumerate(configs)}
+        try:
+            for future in as_completed(pending):
+                i = pending[future]
+                scores[i] = future.result()
+                bar.update(1)
+                bar.set_postfix_str(f"{configs[i].name} mIoU {100 * scores[i]['mIoU']:.2f}")
+                report()
+        except BaseException:  # a failed run (or ^C): start no further run
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
     return results
 
 
@@ -113,6 +172,7 @@ def ablate(
     grid: bool = False,
     seeds: Sequence[int] = (0,),
     progress: bool = True,
+    jobs: int = 1,
 ) -> dict[str, list[float]]:
     """Train and evaluate every Table 1 row (and grid point) for every seed, resumably (see
     :func:`run_variants`).
@@ -120,7 +180,7 @@ def ablate(
     Returns:
         variant name -> mIoU (fraction) per seed. Also written to ``OUT/NAME-ablation.json``.
     """
-    runs = run_variants(cfg, variants(rows, grid), seeds, progress)
+    runs = run_variants(cfg, variants(rows, grid), seeds, progress, jobs=jobs)
     results = {name: [float(r["mIoU"]) for r in rs] for name, rs in runs.items()}
     base_dir = Path(cfg.train.out_dir)
     summary = base_dir / f"{cfg.name}-ablation.json"

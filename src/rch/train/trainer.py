@@ -299,6 +299,16 @@ def train(
         RCHError: the run directory exists and neither ``resume`` nor ``overwrite`` is set,
             or ``resume`` finds no checkpoint.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, resume, overwrite, progress, stop_after)
+    finally:  # train.threads applies to this run only
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: Config, resume: bool, overwrite: bool, progress: bool, stop_after: int | None
+) -> TrainResult:
     from tqdm.auto import tqdm
 
     env = _setup(cfg)

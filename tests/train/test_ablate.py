@@ -1,0 +1,57 @@
+"""rch.train.ablate: runs of variants x seeds, in one process or several."""
+
+from __future__ import annotations
+
+import pytest
+
+from rch.train.ablate import Variant, run_variants, variants
+
+from .helpers import tiny_config
+
+RUNS = [Variant("baseline", ("rch.enabled=false",)), Variant("full", ())]
+
+
+def test_parallel_runs_equal_sequential_ones_and_report_in_seed_major_order(tmp_path):
+    seen: dict[str, list[tuple[str, int]]] = {"one": [], "two": []}
+    results = {}
+    for key, jobs in (("one", 1), ("two", 2)):
+        cfg = tiny_config(tmp_path / key, train={"threads": 1, "iters": 3})
+        results[key] = run_variants(
+            cfg,
+            RUNS,
+            seeds=(0, 1),
+            progress=False,
+            on_done=lambda name, seed, _, key=key: seen[key].append((name, seed)),
+            jobs=jobs,
+        )
+    order = [("baseline", 0), ("full", 0), ("baseline", 1), ("full", 1)]
+    assert seen["one"] == order and seen["two"] == order
+    for name in ("baseline", "full"):
+        one = [r["confusion"] for r in results["one"][name]]
+        two = [r["confusion"] for r in results["two"][name]]
+        assert one == two  # same seeds, same arithmetic: the same evaluation, bitwise
+    assert (tmp_path / "two" / "runs" / "t-full-s1" / "eval.json").is_file()
+
+
+def test_run_variants_rejects_zero_jobs(tmp_path):
+    with pytest.raises(ValueError, match="jobs must be >= 1; got 0"):
+        run_variants(tiny_config(tmp_path), RUNS, jobs=0)
+
+
+def test_grid_variants_name_the_changed_value():
+    names = [v.name for v in variants(["baseline"], grid=True)]
+    assert names[0] == "baseline" and "tau=0.25" in names and "momentum=0.99" in names
+    assert "tau=0.5" not in names  # the default is the full row, not a grid point
+
+
+def test_train_threads_apply_to_the_run_only(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # differs from the run's 1 on any machine
+    try:
+        cfg = tiny_config(tmp_path, train={"threads": 1, "iters": 1})
+        run_variants(cfg, RUNS[:1], progress=False)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
