@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rch.errors import RCHError
 from rch.train.ablate import Variant, run_variants, variants
 
 from .helpers import tiny_config
@@ -55,3 +56,15 @@ def test_train_threads_apply_to_the_run_only(tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
+    cfg = tiny_config(tmp_path, train={"iters": 1})
+    first = run_variants(cfg, RUNS[:1], progress=False)
+    again = run_variants(  # where the data and runs live may change
+        tiny_config(tmp_path, train={"iters": 1, "log_every": 5}), RUNS[:1], progress=False
+    )
+    assert again == first
+    longer = tiny_config(tmp_path, train={"iters": 2})
+    with pytest.raises(RCHError, match=r"t-baseline-s0 with other settings \(train.iters\)"):
+        run_variants(longer, RUNS[:1], progress=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RCHError
-from .config import Config, apply_overrides
+from .config import Config, apply_overrides, config_differences, load_config
 from .trainer import train
 
 __all__ = [
@@ -75,10 +75,32 @@ def variants(rows: Sequence[str] = tuple(TABLE1), grid: bool = False) -> list[Va
     return out
 
 
+IGNORED_KEYS = frozenset(
+    {"train.out_dir", "data.root", "data.workers", "train.log_every", "train.ckpt_every"}
+)
+"""Settings that may differ between a run directory and a request to reuse it: where things
+are, and how often to log; none changes what the run computes."""
+
+
 def _train_run(run: Config, progress: bool) -> dict[str, Any]:
-    """Train one run unless it is finished (resuming an interrupted one); its ``eval.json``."""
+    """Train one run unless it is finished (resuming an interrupted one); its ``eval.json``.
+
+    Raises:
+        RCHError: the run directory holds a run with other settings (a finished run of
+            another budget would otherwise be reused silently).
+    """
     run_dir = Path(run.train.out_dir) / run.name
     done = run_dir / "eval.json"
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        changed = [
+            k for k in config_differences(load_config(saved_path), run) if k not in IGNORED_KEYS
+        ]
+        if changed:
+            raise RCHError(
+                f"{run_dir} holds a run of {run.name} with other settings ({', '.join(changed)}); "
+                "choose another train.out_dir (--out) or delete that run"
+            )
     if not done.is_file():
         resume = (run_dir / "checkpoints" / "last.pt").is_file()
         train(run, resume=resume, overwrite=not resume, progress=progress)
