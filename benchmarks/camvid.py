@@ -10,7 +10,7 @@ Every run is resumable: rerunning the same command skips finished runs and resum
 interrupted one from its last checkpoint; results are rewritten after every run.
 
 Run: ``python benchmarks/camvid.py --root ../shared/data/camvid [--variants baseline paper
-official] [--ablation] [--grid] [--seeds 0 1 2] [--iters 1000] [--jobs 2]``
+official] [--ablation] [--grid] [--seeds 0 1 2] [--iters 3000] [--jobs 2]``
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", action="store_true", help="also the Table 1 rows")
     p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--model", default="tiny")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--embed-dim", type=int, default=64)
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=int, nargs=2, default=[160, 224])
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="per run; 0: cores / jobs")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (processes)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench-camvid"))
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (processes)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-camvid-3k"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/camvid.json"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
