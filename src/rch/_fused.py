@@ -115,14 +115,14 @@ class _PaperLoss(torch.autograd.Function):
         blocks = _Blocks(units, int(plan.fn_term) + int(plan.fp_term))
         protos, present, counts = prototypes.clone(), None, None
         members = None if plan.members is None else torch.where(plan.members, sets.label, k)
-        sums = rows.new_zeros(k + 1, rows.shape[1]) if members is not None else None
+        sums = rows.new_zeros(k + 1, rows.shape[1])  # the spare bin k takes the non-members
         # one pass over the rows: the unit rows, and the member rows' per-class sums while
         # the block is still in cache
         for part in blocks.slices:
             torch.div(rows[part], denom[part], out=units[part])
-            if sums is not None and members is not None:
+            if members is not None:
                 sums.index_add_(0, members[part], rows[part])
-        if sums is not None and members is not None:
+        if members is not None:
             counts = torch.bincount(members, minlength=k + 1)[:k].to(rows.dtype)
             sums = sums[:k]
             if world_size(plan.group) > 1:
@@ -266,7 +266,6 @@ class _PaperLoss(torch.autograd.Function):
         names, table, sizes, has = ctx.names, ctx.table, ctx.sizes, ctx.has
         t = len(names)
         blocks = _Blocks(units, t)
-        back = None
         if table is not None:
             # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
             signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
