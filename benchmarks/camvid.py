@@ -7,10 +7,13 @@ the paired differences with their standard error, and per-class IoU deltas (the 
 classes Pole, SignSymbol, Pedestrian and Bicyclist first).
 
 Every run is resumable: rerunning the same command skips finished runs and resumes an
-interrupted one from its last checkpoint; results are rewritten after every run.
+interrupted one from its last checkpoint; results are rewritten after every run, keyed by
+variant and seed. ``--merge`` takes the runs of earlier results files of the same protocol
+(another session, another machine) instead of training them again.
 
 Run: ``python benchmarks/camvid.py --root ../shared/data/camvid [--variants baseline paper
-official] [--ablation] [--grid] [--seeds 0 1 2] [--iters 3000] [--jobs 2]``
+official] [--ablation] [--grid] [--why] [--seeds 0 1 2] [--iters 3000] [--jobs 2]
+[--merge earlier.json ...]``
 """
 
 from __future__ import annotations
@@ -36,6 +39,22 @@ BASE_VARIANTS = {
     "paper": ("rch.formulation=paper",),
     "official": ("rch.formulation=official",),
 }
+WHY_VARIANTS = {  # paper formulation, one setting changed: why does it (not) help?
+    "paper-fuse": (
+        "rch.layer=fuse",
+    ),  # the classifier's input, stride 2 (not the stride-8 encoder)
+    "paper-stage2": ("rch.layer=stage2",),  # a stride-4 encoder feature
+    "paper-gtproto": ("rch.prototype_source=gt",),  # prototypes from all labelled pixels
+    "paper-first": ("rch.prototype_init=first",),  # prototypes start at the first class mean
+    "paper-warmup": ("rch.warmup_iters=500",),  # RCH off for the first 500 iterations
+    "paper-allpix": ("rch.ohem_pixels=false",),  # the RCH loss sees all pixels, not OHEM's
+}
+PROTOCOL_KEYS = (
+    "iters", "model", "width", "embed_dim", "loss_weight", "lr", "batch", "base_size", "crop",
+)  # fmt: skip
+"""The settings two results files must share for their runs to be merged."""
+Runs = dict[str, dict[int, dict[str, Any]]]
+"""variant -> seed -> the run's ``eval.json``."""
 
 
 def base_config(args: argparse.Namespace) -> Any:
@@ -69,34 +88,67 @@ def base_config(args: argparse.Namespace) -> Any:
     )
 
 
-def summarize(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
-    """mIoU statistics and paired differences to the baseline over the seeds done by all."""
-    base = results.get("baseline", [])
+def summarize(results: Runs) -> dict[str, Any]:
+    """mIoU statistics per variant, and paired differences to the baseline over the seeds
+    that both ran."""
+    base = results.get("baseline", {})
     out: dict[str, Any] = {}
     for name, runs in results.items():
-        n = min(len(runs), len(base)) if name != "baseline" else len(runs)
-        mious = [100 * r["mIoU"] for r in runs]
+        seeds = sorted(runs)
+        mious = [100 * runs[s]["mIoU"] for s in seeds]
         entry: dict[str, Any] = {
-            "seeds": seeds[: len(runs)],
+            "seeds": seeds,
             "mIoU": mious,
             "mean": statistics.fmean(mious) if mious else math.nan,
             "std": statistics.stdev(mious) if len(mious) > 1 else math.nan,
         }
-        if name != "baseline" and n:
-            diffs = [100 * (runs[i]["mIoU"] - base[i]["mIoU"]) for i in range(n)]
+        paired = [s for s in seeds if s in base]
+        if name != "baseline" and paired:
+            n = len(paired)
+            diffs = [100 * (runs[s]["mIoU"] - base[s]["mIoU"]) for s in paired]
+            entry["paired_seeds"] = paired
             entry["paired_diff"] = diffs
             entry["diff_mean"] = statistics.fmean(diffs)
             entry["diff_se"] = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-            classes = list(runs[0]["IoU"])
+            classes = list(runs[paired[0]]["IoU"])
             entry["class_delta"] = {
                 c: statistics.fmean(
-                    100 * ((runs[i]["IoU"][c] or 0.0) - (base[i]["IoU"][c] or 0.0))
-                    for i in range(n)
+                    100 * ((runs[s]["IoU"][c] or 0.0) - (base[s]["IoU"][c] or 0.0)) for s in paired
                 )
                 for c in classes
             }
         out[name] = entry
     return out
+
+
+def load_runs(path: Path, protocol: dict[str, Any], variants: dict[str, list[str]]) -> Runs:
+    """The runs of an earlier results file, after checking that it used the same protocol.
+
+    Files written before runs were keyed by seed hold a list per variant, in the order of
+    ``meta.config.seeds``.
+
+    Raises:
+        ValueError: the file's protocol or a shared variant's overrides differ.
+    """
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    theirs = {k: meta["config"].get(k) for k in PROTOCOL_KEYS}
+    changed = [k for k in PROTOCOL_KEYS if json_safe(theirs[k]) != json_safe(protocol[k])]
+    changed += [
+        f"variant {name}"
+        for name, overrides in meta.get("variants", {}).items()
+        if name in variants and list(overrides) != list(variants[name])
+    ]
+    if changed:
+        raise ValueError(f"--merge {path}: another protocol ({', '.join(changed)} differ)")
+    runs: Runs = {}
+    for name, entries in data["runs"].items():
+        if isinstance(entries, list):
+            seeds = meta["config"]["seeds"]
+            runs[name] = {int(seeds[i]): r for i, r in enumerate(entries)}
+        else:
+            runs[name] = {int(seed): r for seed, r in entries.items()}
+    return runs
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -120,10 +172,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         classes = list(next(iter(deltas.values())))
         ordered = [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
         lines.append("")
-        lines.append(f"{'class (IoU delta)':<18}" + "".join(f" {n[:10]:>10}" for n in deltas))
+        lines.append(f"{'class (IoU delta)':<18}" + "".join(f" {n[:13]:>13}" for n in deltas))
         for c in ordered:
             mark = " *" if c in RARE else ""
-            lines.append(f"{c + mark:<18}" + "".join(f" {d[c]:+10.2f}" for d in deltas.values()))
+            lines.append(f"{c + mark:<18}" + "".join(f" {d[c]:+13.2f}" for d in deltas.values()))
     return "\n".join(lines)
 
 
@@ -135,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--ablation", action="store_true", help="also the Table 1 rows")
     p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")
+    p.add_argument(
+        "--why",
+        nargs="*",
+        choices=list(WHY_VARIANTS),
+        help="also these diagnostic variants (all when none is named)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--model", default="tiny")
@@ -150,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (processes)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-camvid-3k"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/camvid.json"))
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="earlier results files of the same protocol: their runs are not trained again",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = base_config(args)
@@ -160,29 +225,59 @@ def main(argv: list[str] | None = None) -> int:
             grid=args.grid,
         )
         runs += [v for v in extra if v.name not in {r.name for r in runs}]
+    why = list(WHY_VARIANTS) if args.why == [] else args.why or []  # bare --why: all
+    for name in why:
+        runs.append(Variant(name, (*BASE_VARIANTS["paper"], *WHY_VARIANTS[name])))
+    overrides = {v.name: list(v.overrides) for v in runs}
+    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "results", "root", "merge")}
+    done: Runs = {v.name: {} for v in runs}
+    for path in args.merge:
+        try:
+            merged = load_runs(path, protocol, overrides)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"{e}" if isinstance(e, ValueError) else f"--merge {path}: unreadable ({e!r})")
+        for name, seeds in merged.items():
+            if name in done:
+                done[name].update({s: r for s, r in seeds.items() if s in args.seeds})
     meta = run_meta(
         argv,
-        config={k: v for k, v in vars(args).items() if k not in ("out", "results", "root")},
-        variants={v.name: list(v.overrides) for v in runs},
+        config=protocol,
+        merged=[str(p) for p in args.merge],
+        variants=overrides,
         grid={k: list(v) for k, v in GRID.items()} if args.grid else None,
     )
-    done: dict[str, list[dict[str, Any]]] = {v.name: [] for v in runs}
     started = time.time()
 
-    def save(name: str, seed: int, scores: dict[str, Any]) -> None:
-        done[name].append(scores)
-        summary = summarize({k: v for k, v in done.items() if v}, args.seeds)
+    def write() -> None:
         meta["elapsed_s"] = round(time.time() - started)
+        present = {k: dict(sorted(v.items())) for k, v in done.items() if v}
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(
-            json.dumps(json_safe({"meta": meta, "summary": summary, "runs": done}), indent=1)
+        tmp = args.results.with_name(args.results.name + ".tmp")
+        tmp.write_text(
+            json.dumps(
+                json_safe({"meta": meta, "summary": summarize(present), "runs": present}),
+                indent=1,
+            )
         )
+        tmp.replace(args.results)  # a reader never sees half a file
+
+    def save(name: str, seed: int, scores: dict[str, Any]) -> None:
+        done[name][seed] = scores
+        write()
         print(f"[{name} seed {seed}] mIoU {100 * scores['mIoU']:.2f}", flush=True)
 
-    results = run_variants(
-        cfg, runs, args.seeds, progress=not args.no_progress, on_done=save, jobs=args.jobs
+    held = [(name, seed) for name, seeds in done.items() for seed in seeds]
+    run_variants(
+        cfg,
+        runs,
+        args.seeds,
+        progress=not args.no_progress,
+        on_done=save,
+        jobs=args.jobs,
+        skip=held,
     )
-    print(format_summary(summarize(results, args.seeds)))
+    write()
+    print(format_summary(summarize({k: v for k, v in done.items() if v})))
     print(f"written: {args.results}")
     return 0
 

@@ -107,6 +107,24 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns == stamp
 
+    # another session: its runs directory is gone, its results file is merged, seed 2 is new
+    merged = tmp_path / "merged.json"
+    more = [*cmd[: cmd.index("--seeds")], "--seeds", "0", "1", "2", *cmd[cmd.index("--iters") :]]
+    more[more.index("--out") + 1] = str(tmp_path / "runs2")
+    more[more.index("--results") + 1] = str(merged)
+    more += ["--merge", str(results)]
+    subprocess.run(more, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert sorted(p.name for p in (tmp_path / "runs2").iterdir()) == [
+        "camvid-baseline-s2",
+        "camvid-paper-s2",
+    ]
+    again = json.loads(merged.read_text())
+    assert again["summary"]["paper"]["paired_seeds"] == [0, 1, 2]
+    assert again["runs"]["paper"]["1"] == data["runs"]["paper"]["1"]
+    other = [*more[: more.index("--iters") + 1], "3", *more[more.index("--iters") + 2 :]]
+    bad = subprocess.run(other, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "another protocol (iters differ)" in bad.stderr
+
 
 def test_loss_scaling_quick_fits_slopes(tmp_path: Path):
     out = tmp_path / "scaling.json"

@@ -68,3 +68,20 @@ def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     longer = tiny_config(tmp_path, train={"iters": 2})
     with pytest.raises(RCHError, match=r"t-baseline-s0 with other settings \(train.iters\)"):
         run_variants(longer, RUNS[:1], progress=False)
+
+
+def test_skipped_runs_are_neither_trained_nor_reported(tmp_path):
+    cfg = tiny_config(tmp_path, train={"threads": 1, "iters": 1})
+    seen: list[tuple[str, int]] = []
+    results = run_variants(
+        cfg,
+        RUNS,
+        seeds=(0, 1),
+        progress=False,
+        on_done=lambda name, seed, _: seen.append((name, seed)),
+        skip=[("full", 0), ("baseline", 1)],
+    )
+    assert seen == [("baseline", 0), ("full", 1)]
+    assert [len(results[n]) for n in ("baseline", "full")] == [1, 1]
+    runs = tmp_path / "runs"
+    assert not (runs / "t-full-s0").exists() and not (runs / "t-baseline-s1").exists()

@@ -7,7 +7,7 @@ import math
 import multiprocessing
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +76,17 @@ def variants(rows: Sequence[str] = tuple(TABLE1), grid: bool = False) -> list[Va
 
 
 IGNORED_KEYS = frozenset(
-    {"train.out_dir", "data.root", "data.workers", "train.log_every", "train.ckpt_every"}
+    {
+        "train.out_dir",
+        "data.root",
+        "data.workers",
+        "train.log_every",
+        "train.ckpt_every",
+        "train.retain_memory",
+    }
 )
 """Settings that may differ between a run directory and a request to reuse it: where things
-are, and how often to log; none changes what the run computes."""
+are, how often to log, and where buffers come from; none changes what the run computes."""
 
 
 def _train_run(run: Config, progress: bool) -> dict[str, Any]:
@@ -117,6 +124,7 @@ def run_variants(
     progress: bool = True,
     on_done: Callable[[str, int, dict[str, Any]], None] | None = None,
     jobs: int = 1,
+    skip: Collection[tuple[str, int]] = (),
 ) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every variant for every seed (seed-major: all variants of a seed
     before the next seed, so paired comparisons complete early). Finished runs
@@ -136,13 +144,17 @@ def run_variants(
             ``train.threads = 0`` each process gets ``cpu_count // jobs`` threads. Runs of
             one seed should share a thread count: it changes the rounding, so the paired
             runs would no longer start from the same arithmetic.
+        skip: ``(variant name, seed)`` pairs not to run (results the caller already holds).
 
     Returns:
-        variant name -> the ``eval.json`` contents per seed, in ``seeds`` order.
+        variant name -> the ``eval.json`` contents per seed that was run, in ``seeds`` order.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1; got {jobs}.")
-    order = [(seed, variant) for seed in seeds for variant in runs]
+    skipped = set(skip)
+    order = [
+        (seed, variant) for seed in seeds for variant in runs if (variant.name, seed) not in skipped
+    ]
     configs = []
     for seed, variant in order:
         extra = [f"name={cfg.name}-{variant.name}-s{seed}", f"seed={seed}"]

@@ -109,6 +109,7 @@ class TrainConfig:
     ckpt_every: int = 100
     out_dir: str = "runs"
     threads: int = 0  # torch.set_num_threads; 0 = leave
+    retain_memory: bool = True  # CPU: freed memory stays in the process (rch.train.allocator)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from ..errors import RCHError
 from ..eval import EvalResult, InferenceConfig, evaluate, format_scores
 from ..hooks import RCHAttachment, attach
 from ..models import BuiltModel, build_model, split_outputs
+from .allocator import retain_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, config_differences, config_from_dict, config_to_dict
 from .logger import MetricsLogger, json_safe, read_metrics
@@ -340,6 +341,8 @@ def _train(
         cfg = saved  # the checkpoint's config wins: resuming continues that run
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.retain_memory and env.device.type == "cpu":
+        retain_freed_memory()  # process-wide: later steps reuse the freed activations
     torch.manual_seed(cfg.seed)
     d = cfg.data
     train_set = build_dataset(d.name, d.root, d.train_split, d.ignore_index, **d.options)
