@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(
         argv,
         config=protocol,
-        merged=[str(p) for p in args.merge],
+        merged=[str(path) for path in args.merge],
         variants=overrides,
         grid={k: list(v) for k, v in GRID.items()} if args.grid else None,
     )
