@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -142,3 +144,37 @@ def test_loss_scaling_quick_fits_slopes(tmp_path: Path):
     data = json.loads(out.read_text())
     assert [r["N"] for r in data["rows"]] == [2 * 32 * 64, 2 * 64 * 128]
     assert set(data["fits"]["16"]) == {"time_slope_paper", "time_slope_bound", "memory_slope_paper"}
+
+
+def _camvid_module():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("camvid_bench", ROOT / "benchmarks" / "camvid.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_camvid_merge_reads_the_older_list_format_and_checks_the_protocol(tmp_path: Path):
+    camvid = _camvid_module()
+    protocol = {k: 1 for k in camvid.PROTOCOL_KEYS}
+    old = {
+        "meta": {
+            "config": {**protocol, "seeds": [3, 5]},
+            "variants": {"baseline": ["rch.enabled=false"]},
+        },
+        "runs": {"baseline": [{"mIoU": 0.3}, {"mIoU": 0.5}]},
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    runs = camvid.load_runs(path, protocol, {"baseline": ["rch.enabled=false"]})
+    assert runs == {"baseline": {3: {"mIoU": 0.3}, 5: {"mIoU": 0.5}}}
+    summary = camvid.summarize({"baseline": runs["baseline"], "x": {5: {"mIoU": 0.6, "IoU": {}}}})
+    assert summary["x"]["paired_seeds"] == [5]
+    assert abs(summary["x"]["paired_diff"][0] - 10.0) < 1e-9  # paired with seed 5, not 3
+    with pytest.raises(ValueError, match="variant baseline"):
+        camvid.load_runs(path, protocol, {"baseline": ["rch.enabled=true"]})
+    with pytest.raises(ValueError, match="lr differ"):
+        camvid.load_runs(path, {**protocol, "lr": 2}, {})
