@@ -13,7 +13,7 @@ variant and seed. ``--merge`` takes the runs of earlier results files of the sam
 
 Run: ``python benchmarks/camvid.py --root ../shared/data/camvid [--variants baseline paper
 official] [--ablation] [--grid] [--why] [--seeds 0 1 2] [--iters 3000] [--jobs 2]
-[--merge earlier.json ...]``
+[--merge earlier.json ...] [--collect]``
 """
 
 from __future__ import annotations
@@ -215,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="earlier results files of the same protocol: their runs are not trained again",
     )
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: report the merged runs and the finished ones under --out",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = base_config(args)
@@ -229,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in why:
         runs.append(Variant(name, (*BASE_VARIANTS["paper"], *WHY_VARIANTS[name])))
     overrides = {v.name: list(v.overrides) for v in runs}
-    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "results", "root", "merge")}
+    protocol = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("out", "results", "root", "merge", "collect")
+    }
     done: Runs = {v.name: {} for v in runs}
     for path in args.merge:
         try:
@@ -267,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name} seed {seed}] mIoU {100 * scores['mIoU']:.2f}", flush=True)
 
     held = [(name, seed) for name, seeds in done.items() for seed in seeds]
+    if args.collect:  # only the runs whose evaluation is on disk
+        out = Path(cfg.train.out_dir)
+        held += [
+            (v.name, seed)
+            for v in runs
+            for seed in args.seeds
+            if not (out / f"{cfg.name}-{v.name}-s{seed}" / "eval.json").is_file()
+        ]
     run_variants(
         cfg,
         runs,

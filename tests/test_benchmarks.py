@@ -123,6 +123,15 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     again = json.loads(merged.read_text())
     assert again["summary"]["paper"]["paired_seeds"] == [0, 1, 2]
     assert again["runs"]["paper"]["1"] == data["runs"]["paper"]["1"]
+    # --collect trains nothing: seed 3 has no run, the others come from the file and the disk
+    collect = [*more[: more.index("--seeds")], "--seeds", "0", "1", "2", "3"]
+    collect += [*more[more.index("--iters") :], "--collect"]
+    collect[collect.index("--merge") + 1] = str(results)
+    collect[collect.index("--results") + 1] = str(tmp_path / "collected.json")
+    subprocess.run(collect, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert not list((tmp_path / "runs2").glob("*-s3"))
+    collected = json.loads((tmp_path / "collected.json").read_text())
+    assert collected["summary"]["paper"]["seeds"] == [0, 1, 2]
     other = [*more[: more.index("--iters") + 1], "3", *more[more.index("--iters") + 2 :]]
     bad = subprocess.run(other, capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "another protocol (iters differ)" in bad.stderr
