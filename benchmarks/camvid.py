@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         default=[],
-        help="earlier results files of the same protocol: their runs are not trained again",
+        help="earlier results files of the same protocol: their runs (every variant and seed)"
+        " are carried into --results and not trained again",
     )
     p.add_argument(
         "--collect",
@@ -245,9 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             merged = load_runs(path, protocol, overrides)
         except (OSError, ValueError, KeyError) as e:
             p.error(f"{e}" if isinstance(e, ValueError) else f"--merge {path}: unreadable ({e!r})")
-        for name, seeds in merged.items():
-            if name in done:
-                done[name].update({s: r for s, r in seeds.items() if s in args.seeds})
+        for name, seeds in merged.items():  # all of them: nothing already measured is lost
+            done.setdefault(name, {}).update(seeds)
     meta = run_meta(
         argv,
         config=protocol,

@@ -130,6 +130,15 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     collect[collect.index("--results") + 1] = str(tmp_path / "collected.json")
     subprocess.run(collect, capture_output=True, text=True, check=True, cwd=ROOT)
     assert not list((tmp_path / "runs2").glob("*-s3"))
+    # a narrower request still carries every merged run into its results file
+    narrow = [
+        *collect[: collect.index("--variants") + 1],
+        "paper",
+        *collect[collect.index("--seeds") :],
+    ]
+    narrow[narrow.index("--results") + 1] = str(tmp_path / "narrow.json")
+    subprocess.run(narrow, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert set(json.loads((tmp_path / "narrow.json").read_text())["runs"]["baseline"]) == {"0", "1"}
     collected = json.loads((tmp_path / "collected.json").read_text())
     assert collected["summary"]["paper"]["seeds"] == [0, 1, 2]
     other = [*more[: more.index("--iters") + 1], "3", *more[more.index("--iters") + 2 :]]
