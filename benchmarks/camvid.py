@@ -40,9 +40,8 @@ BASE_VARIANTS = {
     "official": ("rch.formulation=official",),
 }
 WHY_VARIANTS = {  # paper formulation, one setting changed: why does it (not) help?
-    "paper-fuse": (
-        "rch.layer=fuse",
-    ),  # the classifier's input, stride 2 (not the stride-8 encoder)
+    # the classifier's own input at stride 2, not the stride-8 encoder output
+    "paper-fuse": ("rch.layer=fuse",),
     "paper-stage2": ("rch.layer=stage2",),  # a stride-4 encoder feature
     "paper-gtproto": ("rch.prototype_source=gt",),  # prototypes from all labelled pixels
     "paper-first": ("rch.prototype_init=first",),  # prototypes start at the first class mean
