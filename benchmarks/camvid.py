@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_meta
 from rch.train import config_from_dict
-from rch.train.ablate import GRID, TABLE1, Variant, run_variants, variants
+from rch.train.ablate import GRID, TABLE1, Variant, run_name, run_variants, variants
 from rch.train.logger import json_safe
 
 RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
@@ -256,18 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.time()
 
-    def write() -> None:
+    def write() -> dict[str, Any]:
+        """Write the results file; its summary."""
         meta["elapsed_s"] = round(time.time() - started)
         present = {k: dict(sorted(v.items())) for k, v in done.items() if v}
+        summary = summarize(present)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.results.with_name(args.results.name + ".tmp")
         tmp.write_text(
-            json.dumps(
-                json_safe({"meta": meta, "summary": summarize(present), "runs": present}),
-                indent=1,
-            )
+            json.dumps(json_safe({"meta": meta, "summary": summary, "runs": present}), indent=1)
         )
         tmp.replace(args.results)  # a reader never sees half a file
+        return summary
 
     def save(name: str, seed: int, scores: dict[str, Any]) -> None:
         done[name][seed] = scores
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             (v.name, seed)
             for v in runs
             for seed in args.seeds
-            if not (out / f"{cfg.name}-{v.name}-s{seed}" / "eval.json").is_file()
+            if not (out / run_name(cfg, v, seed) / "eval.json").is_file()
         ]
     run_variants(
         cfg,
@@ -292,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         skip=held,
     )
-    write()
-    print(format_summary(summarize({k: v for k, v in done.items() if v})))
+    print(format_summary(write()))
     print(f"written: {args.results}")
     return 0
 

@@ -167,7 +167,6 @@ def test_loss_scaling_quick_fits_slopes(tmp_path: Path):
 def _camvid_module():
     import importlib.util
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("camvid_bench", ROOT / "benchmarks" / "camvid.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -23,6 +23,7 @@ __all__ = [
     "Variant",
     "ablate",
     "format_ablation",
+    "run_name",
     "run_variants",
     "variants",
 ]
@@ -87,6 +88,11 @@ IGNORED_KEYS = frozenset(
 )
 """Settings that may differ between a run directory and a request to reuse it: where things
 are, how often to log, and where buffers come from; none changes what the run computes."""
+
+
+def run_name(cfg: Config, variant: Variant, seed: int) -> str:
+    """The name (and run directory under ``train.out_dir``) of one variant's run for a seed."""
+    return f"{cfg.name}-{variant.name}-s{seed}"
 
 
 def _train_run(run: Config, progress: bool) -> dict[str, Any]:
@@ -157,7 +163,7 @@ def run_variants(
     ]
     configs = []
     for seed, variant in order:
-        extra = [f"name={cfg.name}-{variant.name}-s{seed}", f"seed={seed}"]
+        extra = [f"name={run_name(cfg, variant, seed)}", f"seed={seed}"]
         if jobs > 1 and cfg.train.threads == 0:
             extra.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
         configs.append(apply_overrides(cfg, [*variant.overrides, *extra]))
