@@ -11,9 +11,10 @@ import torch
 
 
 def run_meta(argv: list[str] | None, **extra: Any) -> dict[str, Any]:
-    """The exact command, the machine, the torch build and the date, plus ``extra``."""
+    """The exact command, the machine (and its GPU, if the run used one), the torch build and
+    the date, plus ``extra``."""
     args = argv if argv is not None else sys.argv[1:]
-    return {
+    meta = {
         "command": "python " + " ".join([sys.argv[0], *args]),
         "machine": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
@@ -21,3 +22,6 @@ def run_meta(argv: list[str] | None, **extra: Any) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         **extra,
     }
+    if str(extra.get("device", "cpu")).startswith("cuda") and torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+    return meta

@@ -46,7 +46,7 @@ WHY_VARIANTS = {  # paper formulation, one setting changed: why does it (not) he
     "paper-gtproto": ("rch.prototype_source=gt",),  # prototypes from all labelled pixels
     "paper-first": ("rch.prototype_init=first",),  # prototypes start at the first class mean
     "paper-warmup": ("rch.warmup_iters=500",),  # RCH off for the first 500 iterations
-    "paper-allpix": ("rch.ohem_pixels=false",),  # the RCH loss sees all pixels, not OHEM's
+    "paper-allpix": ("rch.ohem=none",),  # the RCH loss ignores OHEM: every labelled pixel
 }
 PROTOCOL_KEYS = (
     "iters", "model", "width", "embed_dim", "loss_weight", "lr", "batch", "base_size", "crop",
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path("../shared/data/camvid"))
     p.add_argument(
-        "--variants", nargs="+", default=list(BASE_VARIANTS), choices=list(BASE_VARIANTS)
+        "--variants", nargs="*", default=list(BASE_VARIANTS), choices=list(BASE_VARIANTS)
     )
     p.add_argument("--ablation", action="store_true", help="also the Table 1 rows")
     p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")

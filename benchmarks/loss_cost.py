@@ -79,6 +79,7 @@ def bare_prototype_ce(emb: Tensor, logits: Tensor, labels: Tensor, protos: Tenso
     target = sets.label.clamp_max(k - 1)
     plan = PaperPlan(
         sets=sets,
+        anchors=sets.valid,
         weight=torch.zeros_like(target, dtype=emb.dtype),
         target=target,
         num_images=b,

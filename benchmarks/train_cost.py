@@ -41,20 +41,24 @@ NETWORKS = ("deeplabv3_resnet50", "hrnet_w18_ocr", "segformer_b0")
 CLASSES = 19
 
 
-def make_config(name: str, enabled: bool, crop: list[int], amp: str) -> object:
+def make_config(
+    name: str, enabled: bool, crop: list[int], amp: str, validate: bool = True
+) -> object:
     return config_from_dict(
         {
             "model": {"name": name},
             "data": {"crop_size": crop},
-            "rch": {"enabled": enabled},
+            "rch": {"enabled": enabled, "validate": validate},
             "train": {"amp": amp},
         }
     )
 
 
-def build(name: str, enabled: bool, crop: list[int], amp: str, device: str) -> tuple:
+def build(
+    name: str, enabled: bool, crop: list[int], amp: str, device: str, validate: bool = True
+) -> tuple:
     torch.manual_seed(0)
-    cfg = make_config(name, enabled, crop, amp)
+    cfg = make_config(name, enabled, crop, amp, validate)
     net = build_network(cfg, CLASSES)
     net.module.to(device).train()
     opt = torch.optim.SGD(net.module.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
@@ -94,7 +98,8 @@ def amp_dtype(amp: str) -> torch.dtype | None:
 def time_network(name: str, args: argparse.Namespace) -> dict:
     device = args.device
     variants = {
-        v: build(name, v == "rch", args.crop, args.amp, device) for v in ("baseline", "rch")
+        v: build(name, v == "rch", args.crop, args.amp, device, not args.no_validate)
+        for v in ("baseline", "rch")
     }
     x, y = batch(args, device)
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -116,7 +121,7 @@ def memory_child(name: str, variant: str, args: argparse.Namespace) -> float:
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")
-    cfg, net, opt = build(name, variant == "rch", args.crop, args.amp, device)
+    cfg, net, opt = build(name, variant == "rch", args.crop, args.amp, device, not args.no_validate)
     x, y = batch(args, device)
     for _ in range(2):
         step(cfg, net, opt, x, y, amp_dtype(args.amp), device)
@@ -176,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--quick", action="store_true", help="tiny crop, 2 reps (a smoke run)")
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="rch.validate=false: no per-step value checks (each is a host sync on a GPU)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cost.json"))
     parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -194,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device,
         "--amp",
         args.amp,
+        *(["--no-validate"] if args.no_validate else []),
     ]
     results = {}
     print(
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         device=args.device,
         amp=args.amp,
+        validate=not args.no_validate,
         crop=args.crop,
         batch=args.batch,
         reps=args.reps,

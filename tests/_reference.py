@@ -75,9 +75,13 @@ def naive_paper(
     fp_term=True,
     source="tp",
     update=True,
+    loss_mask=None,
 ):
-    """Returns (loss_fn, loss_fp, prototypes) by spec section 3."""
+    """Returns (loss_fn, loss_fp, prototypes) by spec section 3; ``loss_mask`` (label
+    resolution) picks the anchors whose loss is averaged, nothing else."""
     y, prob, pred, pixels = _prepare(emb, logits, labels, ignore)
+    h, w = emb.shape[-2:]
+    anchor = None if loss_mask is None else nearest_resize(loss_mask.long(), h, w)
     k_all = protos.shape[0]
     mu = naive_prototypes(emb, logits, labels, protos, rho, ignore, source) if update else protos
     mu_unit = [_unit(mu[k]) for k in range(k_all)]
@@ -86,7 +90,7 @@ def naive_paper(
     for px in pixels:
         bi, i, j = px
         k = int(y[bi, i, j])
-        if k == ignore:
+        if k == ignore or (anchor is not None and not int(anchor[bi, i, j])):
             continue
         e = unit[px]
         fn_set = [q for q in pixels if q[0] == bi and int(y[q]) == k and int(pred[q]) != k]
@@ -126,8 +130,10 @@ def naive_official(
     ignore=255,
     fn_term=True,
     fp_term=True,
+    loss_mask=None,
 ):
-    """Returns (loss_fn, loss_fp, prototypes) by spec section 4."""
+    """Returns (loss_fn, loss_fp, prototypes) by spec section 4; ``loss_mask`` picks the
+    label-resolution pixels whose cross-entropy is averaged, nothing else."""
     alpha = tau if alpha is None else alpha
     b, d, h, w = emb.shape
     y, prob, pred, pixels = _prepare(emb, logits, labels, ignore)
@@ -174,7 +180,7 @@ def naive_official(
             for i in range(labels.shape[1]):
                 for j in range(labels.shape[2]):
                     k = int(labels[bi, i, j])
-                    if k == ignore:
+                    if k == ignore or (loss_mask is not None and not bool(loss_mask[bi, i, j])):
                         continue
                     total = total + torch.logsumexp(m[bi, :, i, j], 0) - m[bi, k, i, j]
                     count += 1

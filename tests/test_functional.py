@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from rch.functional import rch_loss
 
 from ._reference import naive_official, naive_paper
-from .conftest import make_case
+from .conftest import DEVICE, make_case
 
 TOL = {"rtol": 1e-9, "atol": 1e-10}
 
@@ -74,6 +75,41 @@ def test_official_matches_naive_loop(shape, alpha):
     torch.testing.assert_close(
         _grads(out.loss, c.embeddings)[0], _grads(ref_fn + ref_fp, c.embeddings)[0], **TOL
     )
+
+
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[5]])
+def test_loss_mask_averages_the_loss_over_its_pixels_only(formulation, shape):
+    """OHEM's pixels (the mask) carry the loss; the statistics still see every pixel."""
+    c = make_case(seed=21 + len(str(shape)), **shape)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(c.labels.shape, generator=g) < 0.5).to(c.labels.device)
+    naive = naive_paper if formulation == "paper" else naive_official
+    out = rch_loss(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, formulation=formulation,
+        loss_mask=mask,
+    )  # fmt: skip
+    ref_fn, ref_fp, ref_mu = naive(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask
+    )
+    torch.testing.assert_close(out.loss_fn, ref_fn, **TOL)
+    torch.testing.assert_close(out.loss_fp, ref_fp, **TOL)
+    torch.testing.assert_close(out.prototypes, ref_mu, **TOL)
+    torch.testing.assert_close(
+        _grads(out.loss, c.embeddings)[0], _grads(ref_fn + ref_fp, c.embeddings)[0], **TOL
+    )
+    # unlike ignoring the unmasked pixels, which changes the pixel sets and the prototypes
+    hidden = rch_loss(
+        c.embeddings, c.seg_logits, torch.where(mask, c.labels, 255), c.prototypes,
+        formulation=formulation,
+    )  # fmt: skip
+    assert not torch.allclose(hidden.prototypes, out.prototypes)
+    everything = rch_loss(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, formulation=formulation,
+        loss_mask=torch.ones_like(mask),
+    )  # fmt: skip
+    plain = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes, formulation=formulation)
+    torch.testing.assert_close(everything.loss, plain.loss, rtol=0, atol=0)
 
 
 def test_official_in_float32_within_1e5_of_float64_reference():
@@ -203,16 +239,23 @@ def test_half_inputs_are_computed_in_float32(dtype):
     assert emb.grad.dtype == dtype and torch.isfinite(emb.grad.float()).all()
 
 
-def test_bf16_autocast_on_cpu_runs_in_float32():
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_autocast_runs_in_float32(formulation):
+    """bf16 autocast on the CPU; fp16 autocast, AMP's usual, when RCH_TEST_DEVICE=cuda."""
+    half = torch.float16 if DEVICE.type == "cuda" else torch.bfloat16
     c = make_case(seed=9, dtype=torch.float32)
-    conv = torch.nn.Conv2d(5, 5, 1).double().float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    conv = torch.nn.Conv2d(5, 5, 1).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=half):
         emb = conv(c.embeddings)
-        assert emb.dtype == torch.bfloat16
-        out = rch_loss(emb, c.seg_logits, c.labels, c.prototypes)
-    assert out.loss.dtype == torch.float32
+        assert emb.dtype == half
+        out = rch_loss(emb, c.seg_logits, c.labels, c.prototypes, formulation=formulation)
+    ref = rch_loss(
+        emb.detach().float(), c.seg_logits, c.labels, c.prototypes, formulation=formulation
+    )
+    assert out.loss.dtype == torch.float32 and out.prototypes.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss)
     out.loss.backward()
-    assert torch.isfinite(conv.weight.grad).all()
+    assert torch.isfinite(conv.weight.grad).all() and conv.weight.grad.abs().sum() > 0
 
 
 def test_float64_stays_float64(case):
@@ -248,9 +291,12 @@ def test_gradcheck_float64():
         return rch_loss(emb, c.seg_logits, c.labels, c.prototypes, formulation="official").loss
 
     emb = c.embeddings.detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(paper, (emb, protos))
-    assert torch.autograd.gradcheck(paper_ema, (emb,))
-    assert torch.autograd.gradcheck(official, (emb,))
+    # CUDA's index_add_ / scatter-add sum with atomics, in no fixed order: two backward
+    # passes may differ in the last bits, which gradcheck's re-entrancy check notices
+    nondet_tol = 1e-12 if DEVICE.type == "cuda" else 0.0
+    assert torch.autograd.gradcheck(paper, (emb, protos), nondet_tol=nondet_tol)
+    assert torch.autograd.gradcheck(paper_ema, (emb,), nondet_tol=nondet_tol)
+    assert torch.autograd.gradcheck(official, (emb,), nondet_tol=nondet_tol)
 
 
 def test_paper_keeps_one_pixel_by_width_tensor_for_backward():
@@ -272,3 +318,75 @@ def test_paper_keeps_one_pixel_by_width_tensor_for_backward():
     assert saved.count((n, 6)) == 1, saved
     out.loss.backward()
     assert torch.isfinite(c.embeddings.grad).all()
+
+
+class _HostReads(TorchFunctionMode):
+    """Records the calls that read a tensor's data back to the host (a GPU synchronisation)."""
+
+    NAMES = frozenset(
+        {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero",
+         "argwhere", "bincount", "unique", "masked_select"}
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        masks = [a for a in args[1:] if isinstance(a, torch.Tensor) and a.dtype == torch.bool]
+        counted = (
+            name == "repeat_interleave" and len(args) > 1 and isinstance(args[1], torch.Tensor)
+        )
+        if name in self.NAMES or counted or (name in ("__getitem__", "__setitem__") and masks):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_paper_step_without_validation_reads_nothing_back(monkeypatch, masked):
+    """On a GPU every read-back stalls the step until the GPU drains its queue. With
+    ``validate=False`` the paper formulation's forward and backward make none (the GPU path:
+    no compaction of the misclassified pixels), and give the same numbers as the CPU path."""
+    from rch import _fused, stats
+
+    c = make_case(seed=31, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
+    mask = (torch.rand(c.labels.shape) < 0.7).to(c.labels.device) if masked else None
+    want = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask)
+    want_grad = _grads(want.loss + want.prototypes.sum(), c.embeddings)[0]
+    monkeypatch.setattr(_fused, "COMPACT_ON", ())
+    monkeypatch.setattr(stats, "BINCOUNT_ON", ())
+    with _HostReads() as spy:
+        out = rch_loss(
+            c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask, validate=False
+        )
+        grad = _grads(out.loss + out.prototypes.sum(), c.embeddings)[0]
+    assert spy.reads == []
+    torch.testing.assert_close(out.loss, want.loss, **TOL)
+    torch.testing.assert_close(out.prototypes, want.prototypes, **TOL)
+    torch.testing.assert_close(grad, want_grad, **TOL)
+    assert torch.equal(out.updated, want.updated)
+    for name in ("tp_count", "fn_count", "fp_count"):
+        assert torch.equal(getattr(out, name), getattr(want, name))
+    if DEVICE.type == "cuda":  # the real thing: CUDA itself reports any synchronisation
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = rch_loss(
+                c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask,
+                validate=False,
+            )  # fmt: skip
+            (out.loss + out.prototypes.sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_validate_false_skips_only_the_value_checks():
+    c = make_case(seed=32)
+    logits = c.seg_logits.clone()
+    logits[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="seg_logits contains 1 non-finite"):
+        rch_loss(c.embeddings, logits, c.labels, c.prototypes)
+    out = rch_loss(c.embeddings, logits, c.labels, c.prototypes, validate=False)
+    assert out.loss.shape == ()  # computed, unchecked
+    with pytest.raises(ValueError, match="seg_logits has 4 classes"):  # shapes: always
+        rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes[:3], validate=False)

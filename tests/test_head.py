@@ -10,7 +10,7 @@ import torch
 from rch import RCHError, RCHHead
 from rch.functional import rch_loss
 
-from .conftest import make_case
+from .conftest import DEVICE, make_case
 
 
 def _inputs(seed=0, classes=4, channels=6):
@@ -160,11 +160,11 @@ def test_nan_features_named():
 
 
 def test_head_moves_with_to_and_keeps_dtype():
-    head = RCHHead(6, 4, embed_dim=5).double()
-    assert head.prototypes.dtype == torch.float64
+    head = RCHHead(6, 4, embed_dim=5).double().to(DEVICE)
+    assert head.prototypes.dtype == torch.float64 and head.prototypes.device.type == DEVICE.type
     c = make_case(seed=0, dim=6, classes=4)
     out = head(c.embeddings.detach(), c.seg_logits, c.labels)
-    assert out.loss.dtype == torch.float64
+    assert out.loss.dtype == torch.float64 and out.loss.device.type == DEVICE.type
 
 
 def test_head_accepts_a_bf16_feature_outside_autocast():

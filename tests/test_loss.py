@@ -61,7 +61,7 @@ def test_phi_psi_equal_means_of_pairwise_cosines():
         k = sets.label[i]
         fn = same_image & sets.wrong & (sets.label == k)
         fp = same_image & sets.wrong & (sets.pred == k)
-        want_phi = 1 - (units[fn] @ units[i]).mean() if fn.any() else torch.tensor(0.0)
-        want_psi = 1 + (units[fp] @ units[i]).mean() if fp.any() else torch.tensor(0.0)
-        torch.testing.assert_close(phi[i].detach(), want_phi.to(phi.dtype))
-        torch.testing.assert_close(psi[i].detach(), want_psi.to(psi.dtype))
+        want_phi = 1 - (units[fn] @ units[i]).mean() if fn.any() else phi.new_zeros(())
+        want_psi = 1 + (units[fp] @ units[i]).mean() if fp.any() else psi.new_zeros(())
+        torch.testing.assert_close(phi[i].detach(), want_phi.to(phi))
+        torch.testing.assert_close(psi[i].detach(), want_psi.to(psi))

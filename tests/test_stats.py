@@ -13,6 +13,7 @@ from rch.stats import (
     pixel_sets,
     prediction_confidence,
     resize_labels,
+    resize_logits,
     segment_sum,
 )
 
@@ -21,6 +22,31 @@ def test_resize_labels_nearest_keeps_values():
     labels = torch.tensor([[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 255]]])
     assert resize_labels(labels, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
     assert resize_labels(labels, (4, 4)) is labels
+
+
+@given(
+    h_in=st.integers(1, 40),
+    w_in=st.integers(1, 40),
+    h_out=st.integers(1, 40),
+    w_out=st.integers(1, 40),
+    half=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_resize_logits_equals_interpolate(h_in, w_in, h_out, w_out, half):
+    """Down, up or mixed: F.interpolate's bilinear rule, also for half-precision logits
+    resized straight into float32 (the loss's path)."""
+    x = torch.randn(2, 3, h_in, w_in, dtype=torch.float64)
+    dtype = torch.float64
+    if half:
+        x, dtype = x.half(), torch.float32
+    want = torch.nn.functional.interpolate(
+        x.to(dtype), size=(h_out, w_out), mode="bilinear", align_corners=False
+    )
+    got = resize_logits(x, (h_out, w_out), dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(
+        got, want, rtol=1e-5 if half else 1e-12, atol=1e-5 if half else 1e-12
+    )
 
 
 def test_pixel_sets_by_hand():

@@ -50,7 +50,7 @@ def test_dtypes():
     with pytest.raises(TypeError, match="embeddings must be a floating-point tensor"):
         _call(embeddings=c.embeddings.detach().long())
     with pytest.raises(TypeError, match=r"seg_logits must be a torch\.Tensor"):
-        _call(seg_logits=c.seg_logits.numpy())
+        _call(seg_logits=c.seg_logits.cpu().numpy())
 
 
 def test_label_range_names_the_values():
@@ -143,3 +143,13 @@ def test_huge_finite_embeddings_are_not_rejected():
     emb[0, :, 0, 0] = 3e38
     out = _call(embeddings=emb)
     assert torch.isfinite(out.loss)
+
+
+def test_loss_mask_must_be_bool_of_the_labels_shape():
+    c = make_case(seed=0)
+    with pytest.raises(ValueError, match=r"loss_mask must be a bool tensor of the labels' shape"):
+        _call(loss_mask=torch.ones_like(c.labels))
+    with pytest.raises(ValueError, match=r"got torch.bool of shape \(2, 4, 4\)"):
+        _call(loss_mask=torch.ones(2, 4, 5, dtype=torch.bool, device=c.labels.device)[:, :4, :4])
+    with pytest.raises(ValueError, match=r"loss_mask must have shape \(B, H, W\)"):
+        _call(loss_mask=torch.ones(4, 5, dtype=torch.bool))

@@ -26,7 +26,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from .distributed import world_size
 from .loss import EPS
 from .prototypes import ema_update
-from .stats import PixelSets
+from .stats import PixelSets, count_bins
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
 
@@ -36,7 +36,8 @@ class PaperPlan:
     """Everything about one step that carries no gradient."""
 
     sets: PixelSets
-    weight: Tensor  # (N,) 1 - p_true, zero where the pixel is ignored
+    anchors: Tensor  # (N,) bool pixels whose loss counts: labelled (and kept by a loss mask)
+    weight: Tensor  # (N,) 1 - p_true, zero off the anchors
     target: Tensor  # (N,) true class, clamped into [0, K) for ignored pixels
     num_images: int
     tau: float
@@ -47,6 +48,9 @@ class PaperPlan:
     group: dist.ProcessGroup | None
     norms: Tensor | None = None  # (N,) row norms when the caller computed them already
 
+
+COMPACT_ON = ("cpu",)
+"""Device types where the pass over misclassified pixels first gathers their indices."""
 
 CHUNK_BYTES = 1 << 21
 """Gathers run over blocks of rows whose scratch buffer fits in a core's cache."""
@@ -123,7 +127,7 @@ class _PaperLoss(torch.autograd.Function):
             if members is not None:
                 sums.index_add_(0, members[part], rows[part])
         if members is not None:
-            counts = torch.bincount(members, minlength=k + 1)[:k].to(rows.dtype)
+            counts = count_bins(members, k + 1)[:k].to(rows.dtype)
             sums = sums[:k]
             if world_size(plan.group) > 1:
                 pooled = torch.cat([sums, counts.unsqueeze(1)], 1)
@@ -144,19 +148,25 @@ class _PaperLoss(torch.autograd.Function):
             for name, on, cls in (("fn", plan.fn_term, sets.label), ("fp", plan.fp_term, sets.pred))
             if on
         }
-        wrong = sets.wrong.nonzero().squeeze(1)
+        # the misclassified rows; on a GPU all rows (the others add to the spare bin): the
+        # compaction would read the count back to the host, a synchronisation
+        wrong = sets.wrong.nonzero().squeeze(1) if units.device.type in COMPACT_ON else None
         centre_sums = {name: units.new_zeros(bins + 1, units.shape[1]) for name in errors}
-        for start in range(0, wrong.shape[0], blocks.size) if errors else ():
-            rows_at = wrong[start : start + blocks.size]
-            block = blocks.gather(units, rows_at, slice(0, rows_at.shape[0]))
+        if wrong is None:
             for name, index in errors.items():
-                centre_sums[name].index_add_(0, index[rows_at], block)
+                centre_sums[name].index_add_(0, index, units)
+        else:
+            for start in range(0, wrong.shape[0], blocks.size) if errors else ():
+                rows_at = wrong[start : start + blocks.size]
+                block = blocks.gather(units, rows_at, slice(0, rows_at.shape[0]))
+                for name, index in errors.items():
+                    centre_sums[name].index_add_(0, index[rows_at], block)
         # the FN and FP centres side by side, (bins + 1, T, D): both are read at the anchor's
         # own bin, so one gather serves the two
         names = list(errors)
         sizes = units.new_zeros(bins + 1, len(names))
         for j, name in enumerate(names):
-            sizes[:, j] = torch.bincount(errors[name], minlength=bins + 1)
+            sizes[:, j] = count_bins(errors[name], bins + 1)
         sizes[bins] = 0
         table = torch.stack([centre_sums[name] for name in names], 1) if names else None
         has = sizes[anchor] > 0  # (N, T)
@@ -185,8 +195,8 @@ class _PaperLoss(torch.autograd.Function):
         exps = logits.sub_(peak[:, None]).exp_()
         exp_true = exps.gather(1, plan.target[:, None]).squeeze(1)
         exp_other = (exps.sum(1) - exp_true).clamp_min(0)
-        valid = sets.valid
-        n_valid = int(valid.sum())
+        valid = plan.anchors
+        n_valid = valid.sum().clamp_min(1)  # a tensor: no host synchronisation
         losses, totals = [], []
         for name in ("fn", "fp"):
             margin = margins[name]
@@ -195,7 +205,7 @@ class _PaperLoss(torch.autograd.Function):
             nll = torch.log(total) - (true_logit - peak)
             if margin is not None:
                 nll = nll + margin
-            losses.append(torch.where(valid, nll, 0.0).sum() / max(n_valid, 1))
+            losses.append(torch.where(valid, nll, 0.0).sum() / n_valid)
             totals.append(total)
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.names = names  # type: ignore[attr-defined]
@@ -203,10 +213,10 @@ class _PaperLoss(torch.autograd.Function):
         ctx.sizes = sizes  # type: ignore[attr-defined]
         ctx.errors = [errors[name] for name in names]  # type: ignore[attr-defined]
         ctx.has = has  # type: ignore[attr-defined]
-        ctx.n_valid = n_valid  # type: ignore[attr-defined]
+        ctx.all_rows = wrong is None  # type: ignore[attr-defined]
         ctx.members = members  # type: ignore[attr-defined]
         ctx.save_for_backward(
-            wrong,
+            wrong if wrong is not None else torch.empty(0, dtype=torch.int64),
             units,
             norms,
             proto_units,
@@ -220,6 +230,7 @@ class _PaperLoss(torch.autograd.Function):
             margins["fp"] if margins["fp"] is not None else torch.empty(0),
             present if present is not None else torch.empty(0),
             counts if counts is not None else torch.empty(0),
+            n_valid,
         )
         updated = present if present is not None else torch.zeros(k, dtype=torch.bool)
         ctx.mark_non_differentiable(updated)
@@ -245,10 +256,11 @@ class _PaperLoss(torch.autograd.Function):
             margin_fp,
             present,
             counts,
+            n_valid,
         ) = ctx.saved_tensors
         plan: PaperPlan = ctx.plan
-        sets, target = plan.sets, plan.target[:, None]
-        weight = sets.valid.to(units.dtype) / max(ctx.n_valid, 1)
+        target = plan.target[:, None]
+        weight = plan.anchors.to(units.dtype) / n_valid
         # d CE / d z = softmax(z) - onehot: off the true class E / total, on it q - 1
         d_true = []
         row_scale = torch.zeros_like(weight)
@@ -282,7 +294,12 @@ class _PaperLoss(torch.autograd.Function):
             back = back.view(table.shape[0], t, -1)
             back /= sizes.clamp_min(1).unsqueeze(2)  # the spare bin has size 0 and stays 0
             # the centres' own gradient, into the misclassified pixels that formed them
-            for start in range(0, wrong.shape[0], blocks.size):
+            if ctx.all_rows:  # as in the forward pass: every row, the others read bin zero
+                block = back[:, 0].index_select(0, ctx.errors[0])
+                for j in range(1, t):
+                    block += back[:, j].index_select(0, ctx.errors[j])
+                d_units += block
+            for start in range(0, wrong.shape[0], blocks.size) if not ctx.all_rows else ():
                 rows_at = wrong[start : start + blocks.size]
                 block = blocks.gather(
                     back[:, 0], ctx.errors[0][rows_at], slice(0, rows_at.shape[0])

@@ -78,11 +78,15 @@ def check_tensor(
 def check_finite(name: str, value: Tensor) -> None:
     """Raise ``ValueError`` if ``value`` holds NaN or Inf, saying how many and where the first is.
 
-    The fast path is one reduction in the tensor's own dtype (no copy); the element-wise
-    scan runs only when that sum is not finite (a NaN/Inf, or an overflow of the sum).
+    The fast path is one reduction (no copy; half precision accumulates in float32, where it
+    cannot overflow); the element-wise scan runs only when that sum is not finite (a NaN/Inf,
+    or an overflow of the sum).
     """
     with torch.no_grad():
-        summary = value.sum() if value.dtype in (torch.float32, torch.float64) else value
+        if value.dtype in (torch.float16, torch.bfloat16):
+            summary = value.sum(dtype=torch.float32)
+        else:
+            summary = value.sum() if value.is_floating_point() else value
         if bool(torch.isfinite(summary).all()):
             return
         bad = ~torch.isfinite(value)

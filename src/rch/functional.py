@@ -96,6 +96,8 @@ def _validate(
     alpha: float | None,
     ignore_index: int,
     prototype_source: str,
+    loss_mask: Tensor | None,
+    validate: bool,
 ) -> None:
     check_option("formulation", formulation, FORMULATIONS)
     check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
@@ -128,10 +130,18 @@ def _validate(
     if isinstance(momentum, Tensor) and momentum.shape != (k,):
         raise ValueError(f"momentum tensor must have shape ({k},); got {tuple(momentum.shape)}.")
     check_probability("momentum", momentum)
-    check_labels("labels", labels, k, ignore_index)
-    # embeddings: checked in _rch_loss, from the row norms that the loss computes anyway
-    check_finite("seg_logits", seg_logits)
-    check_finite("prototypes", prototypes)
+    if loss_mask is not None:
+        check_tensor("loss_mask", loss_mask, ndim=3, layout="(B, H, W)", floating=None)
+        if loss_mask.dtype != torch.bool or loss_mask.shape != labels.shape:
+            raise ValueError(
+                f"loss_mask must be a bool tensor of the labels' shape {tuple(labels.shape)}; "
+                f"got {loss_mask.dtype} of shape {tuple(loss_mask.shape)}."
+            )
+    if validate:
+        check_labels("labels", labels, k, ignore_index)
+        # embeddings: checked in _rch_loss, from the row norms that the loss computes anyway
+        check_finite("seg_logits", seg_logits)
+        check_finite("prototypes", prototypes)
 
 
 def _mean_ce_at_labels(
@@ -141,9 +151,9 @@ def _mean_ce_at_labels(
     b, h, w = shape
     maps = logits.reshape(b, h, w, -1).permute(0, 3, 1, 2)
     maps = resize_logits(maps, (labels.shape[1], labels.shape[2]))
-    if not bool((labels != ignore).any()):
-        return maps.sum() * 0.0
-    return F.cross_entropy(maps, labels, ignore_index=ignore)
+    # the pixel mean as sum / count: 0 (not NaN) when every pixel is ignored, no host sync
+    count = (labels != ignore).sum().clamp_min(1)
+    return F.cross_entropy(maps, labels, ignore_index=ignore, reduction="sum") / count
 
 
 def _update_prototypes(
@@ -179,6 +189,8 @@ def rch_loss(
     prototype_source: PrototypeSource = "tp",
     update_prototypes: bool = True,
     process_group: dist.ProcessGroup | None = None,
+    loss_mask: Tensor | None = None,
+    validate: bool = True,
 ) -> RCHLossOutput:
     """Representation-calibration loss of one training step (paper eq. 3-8).
 
@@ -210,6 +222,14 @@ def rch_loss(
         update_prototypes: take the EMA step; ``False`` uses ``prototypes`` as given (eval
             mode, or learned prototypes that the loss trains).
         process_group: group for the prototype all-reduce; ``None`` is the default group.
+        loss_mask: ``(B, H, W)`` bool at the label resolution: the pixels whose metric loss
+            counts, e.g. the pixels the main loss's OHEM keeps (the reference code's recipe,
+            spec section 4). The pixel sets, the prototypes and the FN/FP statistics still
+            use every labelled pixel. ``None``: the loss counts every labelled pixel.
+        validate: check the values too (labels in range, no NaN/Inf in the inputs). Each
+            check reads a result back from the device; on a GPU that synchronisation stalls
+            the step, so a tuned training loop may turn them off (like torchmetrics'
+            ``validate_args``). Shapes, dtypes and options are always checked.
 
     Returns:
         An :class:`RCHLossOutput`.
@@ -247,6 +267,8 @@ def rch_loss(
         alpha,
         ignore_index,
         prototype_source,
+        loss_mask,
+        validate,
     )
     if formulation == "paper" and alpha is not None and alpha != tau:
         raise ValueError(
@@ -269,10 +291,12 @@ def rch_loss(
         )
         return _rch_loss(
             embeddings.to(dtype),
-            seg_logits.detach().to(dtype),
+            seg_logits.detach(),  # cast after the resize: see resize_logits
             labels.to(torch.int64),
             prototypes.to(dtype),
             step,
+            loss_mask,
+            validate,
         )
 
 
@@ -282,11 +306,13 @@ def _rch_loss(
     labels: Tensor,
     prototypes: Tensor,
     step: _Step,
+    loss_mask: Tensor | None,
+    validate: bool,
 ) -> RCHLossOutput:
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
     small_labels = resize_labels(labels, (h, w))
-    logits = resize_logits(seg_logits, (h, w))
+    logits = resize_logits(seg_logits, (h, w), embeddings.dtype)
     # any class stands in for an ignored pixel's target: its margin and loss are zero
     target = torch.where(small_labels == step.ignore_index, 0, small_labels)
     pred, p_true = prediction_confidence(logits, target)
@@ -296,14 +322,18 @@ def _rch_loss(
     # a row's norm is finite exactly when its entries are (short of an overflow of the
     # norm itself, which check_finite then lets through)
     norms = torch.linalg.vector_norm(rows.detach(), dim=1)  # data only: keeps no graph
-    if not bool(torch.isfinite(norms).all()):
+    if validate and not bool(torch.isfinite(norms).all()):
         check_finite("embeddings", embeddings)
     # the pixels whose embeddings feed the EMA: TP (paper) or all labelled ("gt"); none in eval
     members = None if not step.update else sets.correct if step.source == "tp" else sets.valid
     if step.formulation == "paper":
+        anchors = sets.valid
+        if loss_mask is not None:
+            anchors = anchors & resize_labels(loss_mask.to(torch.uint8), (h, w)).reshape(-1).bool()
         plan = PaperPlan(
             sets=sets,
-            weight=(1.0 - p_true) * sets.valid,
+            anchors=anchors,
+            weight=(1.0 - p_true) * anchors,
             target=target,
             num_images=b,
             tau=step.tau,
@@ -316,6 +346,8 @@ def _rch_loss(
         )
         loss_fn, loss_fp, prototypes, updated = fused_paper_loss(rows, prototypes, plan)
     else:
+        if loss_mask is not None:  # the cross-entropy's pixels; the statistics keep them all
+            labels = torch.where(loss_mask, labels, step.ignore_index)
         loss_fn, loss_fp, prototypes, updated = _official_loss(
             rows, sets, labels, prototypes, p_true, target, members, (b, h, w), step
         )

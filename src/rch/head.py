@@ -76,6 +76,9 @@ class RCHHead(nn.Module):
             (a class's first batch mean replaces its prototype outright).
         warmup_iters: training steps with RCH off at the start (the loss is 0).
         process_group: group over which prototype statistics are summed.
+        validate: check values each step (labels in range, no NaN/Inf in features, logits,
+            prototypes); see :func:`rch.functional.rch_loss`. On a GPU each check is a
+            host synchronisation; turn them off for speed once a training setup is trusted.
 
     Shape:
         - features: ``(B, C_in, h, w)``; seg_logits: ``(B, K, h', w')``; labels: ``(B, H, W)``.
@@ -113,6 +116,7 @@ class RCHHead(nn.Module):
         prototype_init: PrototypeInit = "randn",
         warmup_iters: int = 0,
         process_group: dist.ProcessGroup | None = None,
+        validate: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -146,7 +150,7 @@ class RCHHead(nn.Module):
         self.fn_term, self.fp_term = fn_term, fp_term
         self.prototype_source, self.prototype_mode = prototype_source, prototypes
         self.prototype_init, self.warmup_iters = prototype_init, warmup_iters
-        self.process_group = process_group
+        self.process_group, self.validate = process_group, validate
         self.record_stats = False
         """Set to ``True`` to get per-class statistics with the next forward's output
         (costs about one more pass over the embeddings; a trainer sets it on logging steps)."""
@@ -177,7 +181,8 @@ class RCHHead(nn.Module):
     @property
     def warming_up(self) -> bool:
         """True while the step counter is below ``warmup_iters``."""
-        return int(self.step) < self.warmup_iters
+        # without a warm-up, no read of the (device) step counter: no host synchronisation
+        return self.warmup_iters > 0 and int(self.step) < self.warmup_iters
 
     def embed(self, features: Tensor) -> Tensor:
         """Project ``(B, C_in, h, w)`` features to ``(B, D, h, w)`` embeddings."""
@@ -187,7 +192,8 @@ class RCHHead(nn.Module):
                 f"features have {features.shape[1]} channels (shape {tuple(features.shape)}) "
                 f"but this RCHHead was built with in_channels={self.in_channels}."
             )
-        check_finite("features", features)
+        if self.validate:
+            check_finite("features", features)
         weight: Tensor = self.projection[0].weight  # type: ignore[assignment]
         if features.dtype != weight.dtype and not torch.is_autocast_enabled(features.device.type):
             # e.g. a bf16 feature from an autocast forward, with the loss asked for outside it
@@ -200,9 +206,16 @@ class RCHHead(nn.Module):
             return torch.where(self.initialized, self.momentum, 0.0).to(self.prototypes.dtype)
         return self.momentum
 
-    def forward(self, features: Tensor, seg_logits: Tensor, labels: Tensor) -> RCHHeadOutput:
+    def forward(
+        self,
+        features: Tensor,
+        seg_logits: Tensor,
+        labels: Tensor,
+        loss_mask: Tensor | None = None,
+    ) -> RCHHeadOutput:
         """Embed ``features`` and return the weighted RCH loss; in training mode also update
-        the prototypes and advance the step counter."""
+        the prototypes and advance the step counter. ``loss_mask``: see
+        :func:`rch.functional.rch_loss` (the pixels whose loss counts, e.g. OHEM's)."""
         embeddings = self.embed(features)
         if self.training and self.warming_up:
             self.step += 1
@@ -230,6 +243,8 @@ class RCHHead(nn.Module):
             prototype_source=self.prototype_source,
             update_prototypes=update,
             process_group=self.process_group,
+            loss_mask=loss_mask,
+            validate=self.validate,
         )
         if self.training:
             if update:

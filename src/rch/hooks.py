@@ -93,8 +93,13 @@ class RCHAttachment(nn.Module):
         :meth:`rch_loss` consumed it)."""
         return self._hook.feature
 
-    def rch_loss(self, seg_logits: Tensor, labels: Tensor) -> RCHHeadOutput:
+    def rch_loss(
+        self, seg_logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None
+    ) -> RCHHeadOutput:
         """RCH loss of the last forward pass; add its ``.loss`` to the segmentation loss.
+
+        ``loss_mask`` (``(B, H, W)`` bool, optional): the pixels whose loss counts, e.g. the
+        ones the segmentation loss's OHEM keeps; the statistics still use every labelled pixel.
 
         Raises:
             RCHError: no forward pass ran since the last call.
@@ -106,7 +111,7 @@ class RCHAttachment(nn.Module):
                 "before asking for the RCH loss (one loss call per forward pass)."
             )
         self._hook.feature = None
-        out: RCHHeadOutput = self.head(feature, seg_logits, labels)
+        out: RCHHeadOutput = self.head(feature, seg_logits, labels, loss_mask)
         return out
 
     def export(self) -> nn.Module:

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .stats import PixelSets, segment_sum
+from .stats import PixelSets, count_bins, segment_sum
 
 __all__ = ["EPS", "Formulation", "calibration_terms", "margin_logits", "unit"]
 
@@ -81,7 +81,7 @@ def _official_term(
     centres = unit(sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype))
     centres = torch.cat([centres, centres.new_zeros(1, centres.shape[1])])
     bins = num_images * k
-    per_image = torch.bincount(sets.image[wrong_idx] * k + error_class, minlength=bins + 1)
+    per_image = count_bins(sets.image[wrong_idx] * k + error_class, bins + 1)
     anchor = torch.where(sets.valid, sets.image * k + sets.label, bins)
     return _gather_dot(units, centres, sets.label), per_image[anchor] > 0
 

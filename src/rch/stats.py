@@ -17,6 +17,7 @@ __all__ = [
     "PixelSets",
     "class_stats",
     "confusion_matrix",
+    "count_bins",
     "flatten_pixels",
     "pixel_sets",
     "prediction_confidence",
@@ -50,11 +51,45 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return resized[:, 0].to(labels.dtype)
 
 
-def resize_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize (``align_corners=False``) of ``(B, K, h, w)`` logits (no-op if equal)."""
+def resize_logits(
+    logits: Tensor, size: tuple[int, int], dtype: torch.dtype | None = None
+) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of ``(B, K, h, w)`` logits (no-op if equal),
+    computed and returned in ``dtype`` (default: the logits' own).
+
+    A downsampling reads only the two source rows and columns around each output pixel,
+    before the cast: a half-precision ``(B, K, H, W)`` map at the label resolution is never
+    copied whole to float32 (on a GPU with AMP that copy was a large part of RCH's peak
+    memory). The result equals ``F.interpolate`` in ``dtype`` up to rounding.
+    """
+    dtype = dtype or logits.dtype
     if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits.to(dtype)
+    if size[0] > logits.shape[-2] or size[1] > logits.shape[-1]:
+        return F.interpolate(logits.to(dtype), size=size, mode="bilinear", align_corners=False)
+    out = logits
+    for dim, n_out in ((2, size[0]), (3, size[1])):
+        if logits.shape[dim] == n_out:
+            continue
+        lo, hi, frac = _bilinear_taps(logits.shape[dim], n_out, logits.device, dtype)
+        picked = out.index_select(dim, torch.cat([lo, hi])).to(dtype)
+        first, second = picked.split(n_out, dim)
+        shape = [1, 1, 1, 1]
+        shape[dim] = n_out
+        out = torch.lerp(first, second, frac.view(shape))
+    return out.to(dtype)
+
+
+def _bilinear_taps(
+    n_in: int, n_out: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Source indices and weight of ``align_corners=False`` bilinear sampling along one axis
+    (PyTorch's rule: ``src = (i + 0.5) * n_in / n_out - 0.5``, clamped at 0)."""
+    src = (torch.arange(n_out, device=device, dtype=dtype) + 0.5) * (n_in / n_out) - 0.5
+    src = src.clamp_min(0)
+    lo = src.long().clamp_max(n_in - 1)
+    hi = (lo + 1).clamp_max(n_in - 1)
+    return lo, hi, src - lo.to(dtype)
 
 
 def flatten_pixels(x: Tensor) -> Tensor:
@@ -164,8 +199,30 @@ def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> tuple[Tenso
         ([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]], [0, 2])
     """
     sums = values.new_zeros(num_segments + 1, values.shape[1]).index_add(0, index, values)
-    counts = torch.bincount(index, minlength=num_segments + 1)
+    counts = count_bins(index, num_segments + 1)
     return sums[:num_segments], counts[:num_segments]
+
+
+BINCOUNT_ON = ("cpu",)
+"""Device types where :func:`count_bins` calls ``torch.bincount``."""
+
+
+def count_bins(index: Tensor, size: int) -> Tensor:
+    """``torch.bincount(index, minlength=size)`` for int64 indices known to lie in
+    ``[0, size)``: ``(size,)`` int64 counts.
+
+    On a GPU this is a scatter-add: ``bincount`` reads the indices' minimum and maximum back
+    to the host, a synchronisation that stalls the step while the GPU drains its queue.
+
+    Example:
+        >>> import torch
+        >>> count_bins(torch.tensor([0, 2, 2]), 4).tolist()
+        [1, 0, 2, 0]
+    """
+    if index.device.type in BINCOUNT_ON:
+        return torch.bincount(index, minlength=size)
+    ones = torch.ones_like(index, dtype=torch.int64)
+    return torch.zeros(size, dtype=torch.int64, device=index.device).index_add_(0, index, ones)
 
 
 def confusion_matrix(labels: Tensor, pred: Tensor, num_classes: int, ignore_index: int) -> Tensor:
@@ -181,9 +238,9 @@ def confusion_matrix(labels: Tensor, pred: Tensor, num_classes: int, ignore_inde
         [[1, 0], [1, 1]]
     """
     valid = labels != ignore_index
-    codes = labels[valid].to(torch.int64) * num_classes + pred[valid].to(torch.int64)
-    counts = torch.bincount(codes, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+    k = num_classes
+    codes = torch.where(valid, labels.to(torch.int64) * k + pred.to(torch.int64), k * k)
+    return count_bins(codes.reshape(-1), k * k + 1)[: k * k].reshape(k, k)
 
 
 def class_stats(confusion: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,5 +267,5 @@ def set_counts(sets: PixelSets, num_classes: int) -> tuple[Tensor, Tensor, Tenso
     """
     k = num_classes
     codes = torch.where(sets.valid, sets.label * k + sets.pred, k * k)
-    confusion = torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k)
+    confusion = count_bins(codes, k * k + 1)[: k * k].reshape(k, k)
     return class_stats(confusion)

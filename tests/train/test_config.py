@@ -47,3 +47,12 @@ def test_the_shipped_configs_cover_every_paper_network_and_dataset():
         for data in ("cityscapes", "ade20k", "pascal_context"):
             assert (model, data) in seen, (model, data)
     assert any(data == "camvid" for _, data in seen)
+
+
+def test_configs_written_with_the_legacy_ohem_pixels_key_still_load():
+    """``rch.ohem_pixels`` (before ``rch.ohem``): true hid OHEM's dropped pixels from RCH."""
+    assert Config().rch.ohem == "loss"
+    assert config_from_dict({"rch": {"ohem_pixels": True}}).rch.ohem == "all"
+    assert config_from_dict({"rch": {"ohem_pixels": False}}).rch.ohem == "none"
+    with pytest.raises(KeyError, match=r"rch\.ohem_pixels \(legacy\) and rch\.ohem are both set"):
+        config_from_dict({"rch": {"ohem_pixels": True, "ohem": "loss"}})

@@ -172,3 +172,43 @@ def test_resume_warns_about_ignored_changes(tmp_path):
     assert (
         load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["config"]["rch"]["tau"] == 0.5
     )
+
+
+@pytest.mark.parametrize("mode", ["loss", "all", "none"])
+def test_rch_ohem_decides_what_the_rch_loss_sees(tmp_path, mode):
+    """'loss': OHEM's pixels as the loss mask; 'all': the others ignored; 'none': no OHEM."""
+    from rch.train.trainer import build_network, step_losses
+
+    cfg = tiny_config(tmp_path, rch={"ohem": mode}, loss={"ohem_thresh": 0.01})
+    net = build_network(cfg, 10)
+    att = net.attachment
+    seen = {}
+    real = att.rch_loss
+
+    def spy(logits, labels, loss_mask=None):
+        seen["labels"], seen["mask"] = labels, loss_mask
+        return real(logits, labels, loss_mask)
+
+    att.rch_loss = spy
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 48, generator=g), torch.randint(0, 10, (2, 32, 48), generator=g)
+    parts, _ = step_losses(cfg, net, net.module, x, y, None)
+    assert torch.isfinite(parts["rch"])
+    if mode == "loss":
+        keep = seen["mask"]
+        assert keep is not None and 0 < int(keep.sum()) < keep.numel()
+        assert torch.equal(seen["labels"], y)
+    elif mode == "all":
+        assert seen["mask"] is None
+        hidden = seen["labels"] == 255
+        assert 0 < int(hidden.sum()) < y.numel()
+        assert torch.equal(seen["labels"][~hidden], y[~hidden])
+    else:
+        assert seen["mask"] is None and torch.equal(seen["labels"], y)
+
+
+def test_unknown_rch_ohem_is_named(tmp_path):
+    from rch.train.trainer import build_network
+
+    with pytest.raises(ValueError, match=r"rch.ohem must be one of 'loss', 'all', 'none'; got 'x'"):
+        build_network(tiny_config(tmp_path, rch={"ohem": "x"}), 10)

@@ -84,6 +84,7 @@ IGNORED_KEYS = frozenset(
         "train.log_every",
         "train.ckpt_every",
         "train.retain_memory",
+        "rch.validate",
     }
 )
 """Settings that may differ between a run directory and a request to reuse it: where things

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "RCH_OHEM",
     "Config",
     "DataConfig",
     "EvalConfig",
@@ -57,6 +58,10 @@ class DataConfig:
     workers: int = 0
 
 
+RCH_OHEM = ("loss", "all", "none")
+"""Values of ``rch.ohem``."""
+
+
 @dataclass
 class RCHConfig:
     enabled: bool = True
@@ -72,7 +77,13 @@ class RCHConfig:
     prototypes: str = "ema"
     prototype_init: str = "randn"
     warmup_iters: int = 0
-    ohem_pixels: bool = True  # the RCH loss sees only the pixels OHEM keeps
+    # how the main loss's OHEM reaches RCH: "loss" (the reference code: the metric loss
+    # averages over OHEM's pixels, the statistics use every labelled pixel), "all" (RCH
+    # sees only OHEM's pixels, statistics too) or "none" (RCH ignores OHEM)
+    ohem: str = "loss"
+    # check values each step (labels in range, no NaN/Inf); on a GPU each check is a host
+    # synchronisation, so a tuned run may turn them off
+    validate: bool = True
     layer: str | None = None  # override the preset's feature layer
     select: int | str | None = None
 
@@ -196,6 +207,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         >>> cfg.rch.tau, cfg.train.iters, cfg.optim.lr
         (0.25, 5, 0.01)
     """
+    rch = data.get("rch")
+    if isinstance(rch, dict) and "ohem_pixels" in rch:  # written before rch.ohem existed
+        rch = dict(rch)
+        legacy = rch.pop("ohem_pixels")
+        if "ohem" in rch:
+            raise KeyError("rch.ohem_pixels (legacy) and rch.ohem are both set; keep rch.ohem")
+        rch["ohem"] = "all" if legacy in (True, "true", "True") else "none"
+        data = {**data, "rch": rch}
     config: Config = _build(Config, data, "")
     return config
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 
+from .._validation import check_option
 from ..data import Augment, build_dataset, make_train_loader
 from ..data.datasets import SegmentationDataset
 from ..diagnostics import STAT_NAMES, CalibrationStats, format_stats, summarize
@@ -36,7 +37,7 @@ from ..hooks import RCHAttachment, attach
 from ..models import BuiltModel, build_model, split_outputs
 from .allocator import retain_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, config_differences, config_from_dict, config_to_dict
+from .config import RCH_OHEM, Config, config_differences, config_from_dict, config_to_dict
 from .logger import MetricsLogger, json_safe, read_metrics
 from .losses import ohem_keep, seg_cross_entropy
 
@@ -79,6 +80,7 @@ class TrainResult:
 
 def build_network(cfg: Config, num_classes: int) -> Network:
     """The network of ``cfg.model`` with RCH attached as ``cfg.rch`` says (or not)."""
+    check_option("rch.ohem", cfg.rch.ohem, RCH_OHEM)
     built = build_model(cfg.model.name, num_classes, cfg.model.pretrained, **cfg.model.options)
     if not cfg.rch.enabled:
         return Network(built.model, built.model, built)
@@ -107,6 +109,7 @@ def build_network(cfg: Config, num_classes: int) -> Network:
         prototypes=r.prototypes,
         prototype_init=r.prototype_init,
         warmup_iters=r.warmup_iters,
+        validate=r.validate,
     )
     return Network(module, built.model, built)
 
@@ -233,7 +236,8 @@ def step_losses(
     cfg: Config, net: Network, module: nn.Module, x: Tensor, y: Tensor, amp: torch.dtype | None
 ) -> tuple[dict[str, Tensor], CalibrationStats | None]:
     """One batch's losses under the recipe: OHEM cross-entropy, the auxiliary loss and (when
-    ``net`` has RCH attached) the RCH loss on the pixels OHEM keeps; ``"loss"`` is their sum.
+    ``net`` has RCH attached) the RCH loss, which sees OHEM as ``rch.ohem`` says; ``"loss"``
+    is their sum.
 
     Returns:
         ``(parts, stats)``: the loss parts by name, and the head's per-class statistics when
@@ -257,11 +261,13 @@ def step_losses(
     attachment = net.attachment
     stats = None
     if attachment is not None:
-        target = y
-        if keep is not None and cfg.rch.ohem_pixels:
+        target, loss_mask = y, None
+        if keep is not None and cfg.rch.ohem == "loss":
+            loss_mask = keep
+        elif keep is not None and cfg.rch.ohem == "all":
             target = torch.where(keep, y, torch.full_like(y, ignore))
         with ctx:
-            out = attachment.rch_loss(logits, target)
+            out = attachment.rch_loss(logits, target, loss_mask)
         parts["rch"] = out.loss
         parts["rch_fn"] = out.loss_fn.detach()
         parts["rch_fp"] = out.loss_fp.detach()

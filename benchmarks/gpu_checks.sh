@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one script: the core's tests on CUDA (fp16 autocast
+# included), a short fp16-AMP training run, the training-step cost at the paper's crop
+# (512 x 1024, AMP fp16) and the loss cost on the GPU.
+# Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME SECONDS CMD...: run, log to OUT/NAME.log, remember a failure
+    local name=$1 limit=$2; shift 2
+    echo "== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -n 25
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+    [ "$rc" = 0 ] || status=1
+}
+nvidia-smi -L
+"$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+step cuda_tests 150 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
+    -o addopts="" tests/test_functional.py tests/test_loss.py tests/test_properties.py \
+    tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py
+step train_cost 220 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --crop 512 1024 \
+    --reps 20 --out "$out/train_cost_cuda_fp16.json"
+step amp_train 60 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progress --overwrite \
+    --set train.device=cuda --set train.amp=fp16 --set train.iters=60 \
+    --set train.out_dir=/tmp/rch-gpu-runs
+step loss_cost 100 "$py" benchmarks/loss_cost.py --device cuda --reps 20 --pairwise-reps 3 \
+    --out "$out/loss_cost_cuda.json"
+exit $status
