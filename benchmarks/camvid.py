@@ -46,7 +46,13 @@ WHY_VARIANTS = {  # paper formulation, one setting changed: why does it (not) he
     "paper-gtproto": ("rch.prototype_source=gt",),  # prototypes from all labelled pixels
     "paper-first": ("rch.prototype_init=first",),  # prototypes start at the first class mean
     "paper-warmup": ("rch.warmup_iters=500",),  # RCH off for the first 500 iterations
-    "paper-allpix": ("rch.ohem=none",),  # the RCH loss ignores OHEM: every labelled pixel
+    "paper-ohemoff": ("rch.ohem=off",),  # the RCH loss ignores OHEM: every labelled pixel
+    # the pixels OHEM drops hidden from RCH, statistics too (the default before 2026-11-26)
+    "paper-ohemhide": ("rch.ohem=hide",),
+}
+EARLIER_VARIANTS = {  # measured while rch.ohem=hide was the default (before 2026-11-26)
+    "official-ohemhide": ("rch.formulation=official", "rch.ohem=hide"),
+    "paper-fuse-ohemhide": ("rch.formulation=paper", "rch.layer=fuse", "rch.ohem=hide"),
 }
 PROTOCOL_KEYS = (
     "iters", "model", "width", "embed_dim", "loss_weight", "lr", "batch", "base_size", "crop",
@@ -151,8 +157,9 @@ def load_runs(path: Path, protocol: dict[str, Any], variants: dict[str, list[str
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    w = max([14, *map(len, summary)])
     lines = [
-        f"{'variant':<14} {'runs':>4} {'mIoU':>7} {'std':>6} {'paired diff':>12} {'SE':>6}"
+        f"{'variant':<{w}} {'runs':>4} {'mIoU':>7} {'std':>6} {'paired diff':>12} {'SE':>6}"
         "  per-seed diffs"
     ]
     for name, e in summary.items():
@@ -160,21 +167,22 @@ def format_summary(summary: dict[str, Any]) -> str:
         se = e.get("diff_se", math.nan)
         per = " ".join(f"{d:+.2f}" for d in e.get("paired_diff", []))
         if name == "baseline":
-            lines.append(f"{name:<14} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f}")
+            lines.append(f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f}")
             continue
         lines.append(
-            f"{name:<14} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f} {diff:+12.2f}"
+            f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f} {diff:+12.2f}"
             f" {se:6.2f}  {per}"
         )
     deltas = {n: e["class_delta"] for n, e in summary.items() if "class_delta" in e}
     if deltas:
         classes = list(next(iter(deltas.values())))
         ordered = [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
+        cw = max([9, *map(len, deltas)])
         lines.append("")
-        lines.append(f"{'class (IoU delta)':<18}" + "".join(f" {n[:13]:>13}" for n in deltas))
+        lines.append(f"{'class (IoU delta)':<18}" + "".join(f" {n:>{cw}}" for n in deltas))
         for c in ordered:
             mark = " *" if c in RARE else ""
-            lines.append(f"{c + mark:<18}" + "".join(f" {d[c]:+13.2f}" for d in deltas.values()))
+            lines.append(f"{c + mark:<18}" + "".join(f" {d[c]:+{cw}.2f}" for d in deltas.values()))
     return "\n".join(lines)
 
 
@@ -189,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--why",
         nargs="*",
-        choices=list(WHY_VARIANTS),
-        help="also these diagnostic variants (all when none is named)",
+        choices=[*WHY_VARIANTS, *EARLIER_VARIANTS],
+        help="also these diagnostic variants (all paper-* ones when none is named)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=3000)
@@ -232,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         runs += [v for v in extra if v.name not in {r.name for r in runs}]
     why = list(WHY_VARIANTS) if args.why == [] else args.why or []  # bare --why: all
     for name in why:
-        runs.append(Variant(name, (*BASE_VARIANTS["paper"], *WHY_VARIANTS[name])))
+        changed = WHY_VARIANTS.get(name)
+        full = (*BASE_VARIANTS["paper"], *changed) if changed else EARLIER_VARIANTS[name]
+        runs.append(Variant(name, full))
     overrides = {v.name: list(v.overrides) for v in runs}
     protocol = {
         k: v

@@ -52,7 +52,7 @@ def test_the_shipped_configs_cover_every_paper_network_and_dataset():
 def test_configs_written_with_the_legacy_ohem_pixels_key_still_load():
     """``rch.ohem_pixels`` (before ``rch.ohem``): true hid OHEM's dropped pixels from RCH."""
     assert Config().rch.ohem == "loss"
-    assert config_from_dict({"rch": {"ohem_pixels": True}}).rch.ohem == "all"
-    assert config_from_dict({"rch": {"ohem_pixels": False}}).rch.ohem == "none"
+    assert config_from_dict({"rch": {"ohem_pixels": True}}).rch.ohem == "hide"
+    assert config_from_dict({"rch": {"ohem_pixels": False}}).rch.ohem == "off"
     with pytest.raises(KeyError, match=r"rch\.ohem_pixels \(legacy\) and rch\.ohem are both set"):
         config_from_dict({"rch": {"ohem_pixels": True, "ohem": "loss"}})

@@ -174,9 +174,9 @@ def test_resume_warns_about_ignored_changes(tmp_path):
     )
 
 
-@pytest.mark.parametrize("mode", ["loss", "all", "none"])
+@pytest.mark.parametrize("mode", ["loss", "hide", "off"])
 def test_rch_ohem_decides_what_the_rch_loss_sees(tmp_path, mode):
-    """'loss': OHEM's pixels as the loss mask; 'all': the others ignored; 'none': no OHEM."""
+    """'loss': OHEM's pixels as the loss mask; 'hide': the others ignored; 'off': no OHEM."""
     from rch.train.trainer import build_network, step_losses
 
     cfg = tiny_config(tmp_path, rch={"ohem": mode}, loss={"ohem_thresh": 0.01})
@@ -198,7 +198,7 @@ def test_rch_ohem_decides_what_the_rch_loss_sees(tmp_path, mode):
         keep = seen["mask"]
         assert keep is not None and 0 < int(keep.sum()) < keep.numel()
         assert torch.equal(seen["labels"], y)
-    elif mode == "all":
+    elif mode == "hide":
         assert seen["mask"] is None
         hidden = seen["labels"] == 255
         assert 0 < int(hidden.sum()) < y.numel()
@@ -210,5 +210,5 @@ def test_rch_ohem_decides_what_the_rch_loss_sees(tmp_path, mode):
 def test_unknown_rch_ohem_is_named(tmp_path):
     from rch.train.trainer import build_network
 
-    with pytest.raises(ValueError, match=r"rch.ohem must be one of 'loss', 'all', 'none'; got 'x'"):
+    with pytest.raises(ValueError, match=r"rch.ohem must be one of 'loss', 'hide', 'off'; got 'x'"):
         build_network(tiny_config(tmp_path, rch={"ohem": "x"}), 10)

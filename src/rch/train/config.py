@@ -58,7 +58,7 @@ class DataConfig:
     workers: int = 0
 
 
-RCH_OHEM = ("loss", "all", "none")
+RCH_OHEM = ("loss", "hide", "off")
 """Values of ``rch.ohem``."""
 
 
@@ -78,8 +78,8 @@ class RCHConfig:
     prototype_init: str = "randn"
     warmup_iters: int = 0
     # how the main loss's OHEM reaches RCH: "loss" (the reference code: the metric loss
-    # averages over OHEM's pixels, the statistics use every labelled pixel), "all" (RCH
-    # sees only OHEM's pixels, statistics too) or "none" (RCH ignores OHEM)
+    # averages over OHEM's pixels, the statistics use every labelled pixel), "hide" (the
+    # pixels OHEM drops are hidden from RCH, statistics too) or "off" (RCH ignores OHEM)
     ohem: str = "loss"
     # check values each step (labels in range, no NaN/Inf); on a GPU each check is a host
     # synchronisation, so a tuned run may turn them off
@@ -213,7 +213,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         legacy = rch.pop("ohem_pixels")
         if "ohem" in rch:
             raise KeyError("rch.ohem_pixels (legacy) and rch.ohem are both set; keep rch.ohem")
-        rch["ohem"] = "all" if legacy in (True, "true", "True") else "none"
+        rch["ohem"] = "hide" if legacy in (True, "true", "True") else "off"
         data = {**data, "rch": rch}
     config: Config = _build(Config, data, "")
     return config

@@ -264,7 +264,7 @@ def step_losses(
         target, loss_mask = y, None
         if keep is not None and cfg.rch.ohem == "loss":
             loss_mask = keep
-        elif keep is not None and cfg.rch.ohem == "all":
+        elif keep is not None and cfg.rch.ohem == "hide":
             target = torch.where(keep, y, torch.full_like(y, ignore))
         with ctx:
             out = attachment.rch_loss(logits, target, loss_mask)
