@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one script: the core's tests on CUDA (fp16 autocast
-# included), a short fp16-AMP training run, the training-step cost at the paper's crop
-# (512 x 1024, AMP fp16) and the loss cost on the GPU.
+# and the no-host-sync check included), a short fp16-AMP training run, the training-step
+# cost at the paper's crop (512 x 1024, AMP fp16; with and without rch.validate) and the
+# loss cost on the GPU. About 8 minutes on an H100.
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
+# Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR}
 py=${PYTHON:-python3}
@@ -25,6 +27,8 @@ step cuda_tests 150 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovi
     tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py
 step train_cost 220 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --crop 512 1024 \
     --reps 20 --out "$out/train_cost_cuda_fp16.json"
+step train_cost_novalidate 220 "$py" benchmarks/train_cost.py --device cuda --amp fp16 \
+    --crop 512 1024 --reps 20 --no-validate --out "$out/train_cost_cuda_fp16_novalidate.json"
 step amp_train 60 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progress --overwrite \
     --set train.device=cuda --set train.amp=fp16 --set train.iters=60 \
     --set train.out_dir=/tmp/rch-gpu-runs
