@@ -344,21 +344,30 @@ class _HostReads(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_paper_step_without_validation_reads_nothing_back(monkeypatch, masked):
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formulation):
     """On a GPU every read-back stalls the step until the GPU drains its queue. With
-    ``validate=False`` the paper formulation's forward and backward make none (the GPU path:
-    no compaction of the misclassified pixels), and give the same numbers as the CPU path."""
-    from rch import _fused, stats
+    ``validate=False`` the loss's forward and backward make none (the GPU path: no
+    compaction of the misclassified pixels, no bincount), and give the CPU path's numbers."""
+    from rch import stats
 
     c = make_case(seed=31, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
     mask = (torch.rand(c.labels.shape) < 0.7).to(c.labels.device) if masked else None
-    want = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask)
+    want = rch_loss(
+        c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask, formulation=formulation
+    )
     want_grad = _grads(want.loss + want.prototypes.sum(), c.embeddings)[0]
-    monkeypatch.setattr(_fused, "COMPACT_ON", ())
+    monkeypatch.setattr(stats, "COMPACT_ON", ())
     monkeypatch.setattr(stats, "BINCOUNT_ON", ())
     with _HostReads() as spy:
         out = rch_loss(
-            c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask, validate=False
+            c.embeddings,
+            c.seg_logits,
+            c.labels,
+            c.prototypes,
+            loss_mask=mask,
+            validate=False,
+            formulation=formulation,
         )
         grad = _grads(out.loss + out.prototypes.sum(), c.embeddings)[0]
     assert spy.reads == []
@@ -373,7 +382,7 @@ def test_paper_step_without_validation_reads_nothing_back(monkeypatch, masked):
         try:
             out = rch_loss(
                 c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask,
-                validate=False,
+                validate=False, formulation=formulation,
             )  # fmt: skip
             (out.loss + out.prototypes.sum()).backward()
         finally:

@@ -26,6 +26,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from .distributed import world_size
 from .loss import EPS
 from .prototypes import ema_update
+from . import stats
 from .stats import PixelSets, count_bins
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
@@ -48,9 +49,6 @@ class PaperPlan:
     group: dist.ProcessGroup | None
     norms: Tensor | None = None  # (N,) row norms when the caller computed them already
 
-
-COMPACT_ON = ("cpu",)
-"""Device types where the pass over misclassified pixels first gathers their indices."""
 
 CHUNK_BYTES = 1 << 21
 """Gathers run over blocks of rows whose scratch buffer fits in a core's cache."""
@@ -150,7 +148,7 @@ class _PaperLoss(torch.autograd.Function):
         }
         # the misclassified rows; on a GPU all rows (the others add to the spare bin): the
         # compaction would read the count back to the host, a synchronisation
-        wrong = sets.wrong.nonzero().squeeze(1) if units.device.type in COMPACT_ON else None
+        wrong = sets.wrong.nonzero().squeeze(1) if units.device.type in stats.COMPACT_ON else None
         centre_sums = {name: units.new_zeros(bins + 1, units.shape[1]) for name in errors}
         if wrong is None:
             for name, index in errors.items():

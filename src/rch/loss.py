@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import stats
 from .stats import PixelSets, count_bins, segment_sum
 
 __all__ = ["EPS", "Formulation", "calibration_terms", "margin_logits", "unit"]
@@ -51,37 +52,35 @@ def _mean_rows(values: Tensor, index: Tensor, num_segments: int) -> tuple[Tensor
 
 
 def _paper_term(
-    units: Tensor, sets: PixelSets, wrong_idx: Tensor, error_class: Tensor, num_images: int, k: int
+    units: Tensor, error_units: Tensor, sets: PixelSets, bin_index: Tensor, bins: int, k: int
 ) -> tuple[Tensor, Tensor]:
     """``e~_i . m`` with ``m`` the mean unit FN/FP embedding of (image, class) ``(b_i, y_i)``.
 
     Returns the dot products and whether that FN/FP set is non-empty, per pixel.
     """
-    bins = num_images * k
-    index = sets.image[wrong_idx] * k + error_class
-    means, counts = _mean_rows(units.index_select(0, wrong_idx), index, bins)
+    means, counts = _mean_rows(error_units, bin_index, bins)
     anchor = torch.where(sets.valid, sets.image * k + sets.label, bins)
     return _gather_dot(units, means, anchor), counts[anchor] > 0
 
 
 def _official_term(
-    rows: Tensor,
+    error_rows: Tensor,
     units: Tensor,
     sets: PixelSets,
-    wrong_idx: Tensor,
-    error_class: Tensor,
-    num_images: int,
+    class_index: Tensor,
+    bin_index: Tensor,
+    bins: int,
     k: int,
 ) -> tuple[Tensor, Tensor]:
     """``e~_i . f`` with ``f`` the unit batch-pooled mean raw FN/FP embedding of class ``y_i``.
 
     Returns the dot products and whether image ``b_i`` has an FN/FP pixel of ``y_i``.
     """
-    sums, counts = segment_sum(rows.index_select(0, wrong_idx), error_class, k)
+    sums, counts = segment_sum(error_rows, class_index, k)
     centres = unit(sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype))
     centres = torch.cat([centres, centres.new_zeros(1, centres.shape[1])])
-    bins = num_images * k
-    per_image = count_bins(sets.image[wrong_idx] * k + error_class, bins + 1)
+    per_image = count_bins(bin_index, bins + 1)
+    per_image[bins] = 0  # the spare bin: ignored anchors, and the pixels that are no error
     anchor = torch.where(sets.valid, sets.image * k + sets.label, bins)
     return _gather_dot(units, centres, sets.label), per_image[anchor] > 0
 
@@ -122,21 +121,31 @@ def calibration_terms(
     Returns:
         ``(phi, psi)``, each ``(N,)`` with values in ``[0, 2]``, or ``None`` when disabled.
     """
-    wrong_idx = sets.wrong.nonzero().squeeze(1)
-    error_class = {"fn": sets.label[wrong_idx], "fp": sets.pred[wrong_idx]}
+    k = num_classes
+    bins = num_images * k
+    # the misclassified rows; on a GPU all rows, the others indexed to spare bins (the
+    # compaction would read the count back to the host, a synchronisation)
+    compact = units.device.type in stats.COMPACT_ON
+    wrong_idx = sets.wrong.nonzero().squeeze(1) if compact else None
+
+    def pick(x: Tensor) -> Tensor:
+        return x if wrong_idx is None else x.index_select(0, wrong_idx)
+
+    image = pick(sets.image)
     sign = {"fn": -1.0, "fp": 1.0}
     terms: dict[str, Tensor | None] = {"fn": None, "fp": None}
     for name, wanted in (("fn", fn_term), ("fp", fp_term)):
         if not wanted:
             continue
+        cls = pick(sets.label if name == "fn" else sets.pred)
+        class_index, bin_index = cls, image * k + cls
+        if wrong_idx is None:
+            class_index = torch.where(sets.wrong, class_index, k)
+            bin_index = torch.where(sets.wrong, bin_index, bins)
         if formulation == "paper":
-            dots, present = _paper_term(
-                units, sets, wrong_idx, error_class[name], num_images, num_classes
-            )
+            dots, present = _paper_term(units, pick(units), sets, bin_index, bins, k)
         else:
-            dots, present = _official_term(
-                rows, units, sets, wrong_idx, error_class[name], num_images, num_classes
-            )
+            dots, present = _official_term(pick(rows), units, sets, class_index, bin_index, bins, k)
         terms[name] = (1.0 + sign[name] * dots).where(present, dots.new_zeros(()))
     return terms["fn"], terms["fp"]
 

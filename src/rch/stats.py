@@ -203,6 +203,11 @@ def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> tuple[Tenso
     return sums[:num_segments], counts[:num_segments]
 
 
+COMPACT_ON = ("cpu",)
+"""Device types where a pass over the misclassified pixels first gathers their indices
+(``nonzero``, a host synchronisation on a GPU); elsewhere it runs over all pixels and
+indexes the others to a spare bin."""
+
 BINCOUNT_ON = ("cpu",)
 """Device types where :func:`count_bins` calls ``torch.bincount``."""
 
