@@ -23,10 +23,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from . import stats
 from .distributed import world_size
 from .loss import EPS
 from .prototypes import ema_update
-from . import stats
 from .stats import PixelSets, count_bins
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
