@@ -25,6 +25,23 @@ def test_resize_labels_nearest_keeps_values():
 
 
 @given(
+    h_in=st.integers(1, 70),
+    w_in=st.integers(1, 70),
+    h_out=st.integers(1, 70),
+    w_out=st.integers(1, 70),
+    dtype=st.sampled_from([torch.int64, torch.uint8, torch.bool]),
+)
+@settings(max_examples=80, deadline=None)
+def test_resize_labels_picks_interpolates_nearest_pixels(h_in, w_in, h_out, w_out, dtype):
+    labels = torch.randint(0, 256, (2, h_in, w_in)).to(dtype)
+    want = torch.nn.functional.interpolate(
+        labels[:, None].to(torch.float64), size=(h_out, w_out), mode="nearest"
+    )[:, 0].to(dtype)
+    got = resize_labels(labels, (h_out, w_out))
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@given(
     h_in=st.integers(1, 40),
     w_in=st.integers(1, 40),
     h_out=st.integers(1, 40),

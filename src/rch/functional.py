@@ -290,13 +290,14 @@ def rch_loss(
             group=process_group,
         )
         return _rch_loss(
-            embeddings.to(dtype),
+            embeddings,  # cast by the flattening copy: see flatten_pixels
             seg_logits.detach(),  # cast after the resize: see resize_logits
             labels.to(torch.int64),
             prototypes.to(dtype),
             step,
             loss_mask,
             validate,
+            dtype,
         )
 
 
@@ -308,17 +309,18 @@ def _rch_loss(
     step: _Step,
     loss_mask: Tensor | None,
     validate: bool,
+    dtype: torch.dtype,
 ) -> RCHLossOutput:
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
     small_labels = resize_labels(labels, (h, w))
-    logits = resize_logits(seg_logits, (h, w), embeddings.dtype)
+    logits = resize_logits(seg_logits, (h, w), dtype)
     # any class stands in for an ignored pixel's target: its margin and loss are zero
     target = torch.where(small_labels == step.ignore_index, 0, small_labels)
     pred, p_true = prediction_confidence(logits, target)
     sets = pixel_sets(small_labels, pred, k, step.ignore_index)
     target, p_true = target.reshape(-1), p_true.reshape(-1)
-    rows = flatten_pixels(embeddings)
+    rows = flatten_pixels(embeddings, dtype)
     # a row's norm is finite exactly when its entries are (short of an overflow of the
     # norm itself, which check_finite then lets through)
     norms = torch.linalg.vector_norm(rows.detach(), dim=1)  # data only: keeps no graph
@@ -329,7 +331,7 @@ def _rch_loss(
     if step.formulation == "paper":
         anchors = sets.valid
         if loss_mask is not None:
-            anchors = anchors & resize_labels(loss_mask.to(torch.uint8), (h, w)).reshape(-1).bool()
+            anchors = anchors & resize_labels(loss_mask, (h, w)).reshape(-1)
         plan = PaperPlan(
             sets=sets,
             anchors=anchors,

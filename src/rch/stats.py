@@ -44,11 +44,23 @@ class PixelSets(NamedTuple):
 
 
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a ``(B, H, W)`` label map to ``size`` (no-op if equal)."""
+    """Nearest-neighbour resize of a ``(B, H, W)`` label map (any dtype) to ``size`` (no-op
+    if equal): ``F.interpolate(mode="nearest")``'s pixels, picked by index, with no float
+    copy of the full-resolution map."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
-    resized = F.interpolate(labels[:, None].to(torch.float64), size=size, mode="nearest")
-    return resized[:, 0].to(labels.dtype)
+    for dim, n_out in ((1, size[0]), (2, size[1])):
+        if labels.shape[dim] != n_out:
+            labels = labels.index_select(dim, _nearest_taps(labels.shape[dim], n_out, labels))
+    return labels
+
+
+def _nearest_taps(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """Source index of each output pixel along one axis, by PyTorch's legacy ``"nearest"``
+    rule: ``floor(i * (n_in / n_out))`` in float32, clamped to ``n_in - 1``."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32, device=like.device)
+    src = torch.arange(n_out, dtype=torch.float32, device=like.device).mul_(scale).floor_()
+    return src.long().clamp_max(n_in - 1)
 
 
 def resize_logits(
@@ -67,17 +79,20 @@ def resize_logits(
         return logits.to(dtype)
     if size[0] > logits.shape[-2] or size[1] > logits.shape[-1]:
         return F.interpolate(logits.to(dtype), size=size, mode="bilinear", align_corners=False)
-    out = logits
+    taps = {}
     for dim, n_out in ((2, size[0]), (3, size[1])):
-        if logits.shape[dim] == n_out:
-            continue
-        lo, hi, frac = _bilinear_taps(logits.shape[dim], n_out, logits.device, dtype)
-        picked = out.index_select(dim, torch.cat([lo, hi])).to(dtype)
-        first, second = picked.split(n_out, dim)
+        if logits.shape[dim] != n_out:
+            taps[dim] = _bilinear_taps(logits.shape[dim], n_out, logits.device, dtype)
+    picked = logits  # both axes' source lines first, in the logits' own dtype; then the cast
+    for dim, (lo, hi, _) in taps.items():
+        picked = picked.index_select(dim, torch.cat([lo, hi]))
+    out = picked.to(dtype)
+    for dim, (_, _, frac) in taps.items():
+        first, second = out.split(frac.shape[0], dim)
         shape = [1, 1, 1, 1]
-        shape[dim] = n_out
+        shape[dim] = frac.shape[0]
         out = torch.lerp(first, second, frac.view(shape))
-    return out.to(dtype)
+    return out
 
 
 def _bilinear_taps(
@@ -92,8 +107,11 @@ def _bilinear_taps(
     return lo, hi, src - lo.to(dtype)
 
 
-def flatten_pixels(x: Tensor) -> Tensor:
-    """``(B, C, h, w)`` -> ``(B * h * w, C)``, pixels in row-major order per image."""
+def flatten_pixels(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``(B, C, h, w)`` -> ``(B * h * w, C)``, pixels in row-major order per image, in
+    ``dtype`` (default: ``x``'s own); a cast and the reordering are one copy."""
+    if dtype is not None and dtype != x.dtype:  # cast into channels-last: then a view
+        x = x.to(dtype, memory_format=torch.channels_last)
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
