@@ -207,7 +207,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         >>> cfg.rch.tau, cfg.train.iters, cfg.optim.lr
         (0.25, 5, 0.01)
     """
-    rch = data.get("rch")
+    rch = data.get("rch") if isinstance(data, dict) else None
     if isinstance(rch, dict) and "ohem_pixels" in rch:  # written before rch.ohem existed
         rch = dict(rch)
         legacy = rch.pop("ohem_pixels")
