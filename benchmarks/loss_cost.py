@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_meta
 from rch._fused import PaperPlan, fused_paper_loss
 from rch.functional import rch_loss
 from rch.loss import margin_logits, unit
@@ -337,17 +339,13 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": " ".join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": platform.platform(),
-        "processor": platform.processor(),
-        "torch": torch.__version__,
-        "device": args.device,
-        "threads": torch.get_num_threads(),
-        "accuracy": args.accuracy,
-        "reps": args.reps,
-    }
+    meta = run_meta(
+        argv,
+        processor=platform.processor(),
+        device=args.device,
+        accuracy=args.accuracy,
+        reps=args.reps,
+    )
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0
