@@ -21,6 +21,7 @@ from torch import Tensor
 from .loss import Formulation, calibration_terms, unit
 from .stats import (
     PixelSets,
+    count_bins,
     flatten_pixels,
     pixel_sets,
     prediction_confidence,
@@ -86,7 +87,8 @@ def _prepare(
 ) -> tuple[PixelSets, Tensor, Tensor]:
     _, _, h, w = embeddings.shape
     small = resize_labels(labels, (h, w))
-    logits = resize_logits(_work(seg_logits), (h, w))
+    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    logits = resize_logits(seg_logits.detach(), (h, w), dtype)  # cast after the resize
     pred, _ = prediction_confidence(logits, torch.zeros_like(small))
     sets = pixel_sets(small, pred, num_classes, ignore_index)
     rows = flatten_pixels(_work(embeddings))
@@ -113,7 +115,7 @@ def _terms(
 def _class_mean(values: Tensor, sets: PixelSets, k: int) -> Tensor:
     index = sets.label  # ignored pixels sit in the spare bin k
     sums = values.new_zeros(k + 1).index_add(0, index, values)
-    counts = torch.bincount(index, minlength=k + 1).to(values.dtype)
+    counts = count_bins(index, k + 1).to(values.dtype)
     means = sums / counts.clamp_min(1)
     return torch.where(counts > 0, means, torch.full_like(means, float("nan")))[:k]
 
