@@ -45,22 +45,11 @@ class PixelSets(NamedTuple):
 
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of a ``(B, H, W)`` label map (any dtype) to ``size`` (no-op
-    if equal): ``F.interpolate(mode="nearest")``'s pixels, picked by index, with no float
-    copy of the full-resolution map."""
+    if equal)."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
-    for dim, n_out in ((1, size[0]), (2, size[1])):
-        if labels.shape[dim] != n_out:
-            labels = labels.index_select(dim, _nearest_taps(labels.shape[dim], n_out, labels))
-    return labels
-
-
-def _nearest_taps(n_in: int, n_out: int, like: Tensor) -> Tensor:
-    """Source index of each output pixel along one axis, by PyTorch's legacy ``"nearest"``
-    rule: ``floor(i * (n_in / n_out))`` in float32, clamped to ``n_in - 1``."""
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32, device=like.device)
-    src = torch.arange(n_out, dtype=torch.float32, device=like.device).mul_(scale).floor_()
-    return src.long().clamp_max(n_in - 1)
+    resized = F.interpolate(labels[:, None].to(torch.float64), size=size, mode="nearest")
+    return resized[:, 0].to(labels.dtype)
 
 
 def resize_logits(
