@@ -12,7 +12,7 @@ variant and seed. ``--merge`` takes the runs of earlier results files of the sam
 (another session, another machine) instead of training them again.
 
 Run: ``python benchmarks/camvid.py --root ../shared/data/camvid [--variants baseline paper
-official] [--ablation] [--grid] [--why] [--seeds 0 1 2] [--iters 3000] [--jobs 2]
+official] [--ablation [ROW ...]] [--grid] [--why] [--seeds 0 1 2] [--iters 3000] [--jobs 2]
 [--merge earlier.json ...] [--collect]``
 """
 
@@ -34,6 +34,7 @@ from rch.train.ablate import GRID, TABLE1, Variant, run_name, run_variants, vari
 from rch.train.logger import json_safe
 
 RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
+ABLATION_ROWS = [r for r in TABLE1 if r not in ("baseline", "full")]  # the others: variants
 BASE_VARIANTS = {
     "baseline": ("rch.enabled=false",),
     "paper": ("rch.formulation=paper",),
@@ -192,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", nargs="*", default=list(BASE_VARIANTS), choices=list(BASE_VARIANTS)
     )
-    p.add_argument("--ablation", action="store_true", help="also the Table 1 rows")
+    p.add_argument(
+        "--ablation",
+        nargs="*",
+        choices=ABLATION_ROWS,
+        help="also these Table 1 rows (all of them when none is named)",
+    )
     p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")
     p.add_argument(
         "--why",
@@ -232,11 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = base_config(args)
     runs = [Variant(n, BASE_VARIANTS[n]) for n in args.variants]
-    if args.ablation or args.grid:
-        extra = variants(
-            [r for r in TABLE1 if r not in ("baseline", "full")] if args.ablation else [],
-            grid=args.grid,
-        )
+    if args.ablation is not None or args.grid:
+        rows = list(ABLATION_ROWS) if args.ablation == [] else args.ablation or []
+        extra = variants(rows, grid=args.grid)
         runs += [v for v in extra if v.name not in {r.name for r in runs}]
     why = list(WHY_VARIANTS) if args.why == [] else args.why or []  # bare --why: all
     for name in why:

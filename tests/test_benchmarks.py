@@ -195,3 +195,20 @@ def test_camvid_merge_reads_the_older_list_format_and_checks_the_protocol(tmp_pa
         camvid.load_runs(path, protocol, {"baseline": ["rch.enabled=true"]})
     with pytest.raises(ValueError, match="lr differ"):
         camvid.load_runs(path, {**protocol, "lr": 2}, {})
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [(["gt"], ["gt"]), (["tp+fn", "learned"], ["tp+fn", "learned"]), ([], None)],
+)
+def test_camvid_ablation_trains_the_named_table1_rows(tmp_path: Path, rows, expected):
+    """``--ablation ROW ...`` picks Table 1 rows (a session trains what fits); bare
+    ``--ablation`` means all of them. ``--collect`` trains nothing and records the plan."""
+    camvid = _camvid_module()
+    results = tmp_path / "plan.json"
+    argv = ["--root", str(tmp_path), "--out", str(tmp_path / "runs"), "--results", str(results)]
+    camvid.main([*argv, "--variants", "--ablation", *rows, "--collect", "--no-progress"])
+    planned = list(json.loads(results.read_text())["meta"]["variants"])
+    assert planned == (expected or ["learned", "gt", "tp", "tp+fn", "tp+fp"])
+    with pytest.raises(SystemExit):  # not a row of the table
+        camvid.main([*argv, "--ablation", "full", "--collect"])

@@ -348,7 +348,8 @@ class _HostReads(TorchFunctionMode):
 def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formulation):
     """On a GPU every read-back stalls the step until the GPU drains its queue. With
     ``validate=False`` the loss's forward and backward make none (the GPU path: no
-    compaction of the misclassified pixels, no bincount), and give the CPU path's numbers."""
+    compaction of the misclassified pixels, no bincount, scattered instead of sorted
+    sums), and give the CPU path's numbers."""
     from rch import stats
 
     c = make_case(seed=31, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
@@ -359,6 +360,7 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
     want_grad = _grads(want.loss + want.prototypes.sum(), c.embeddings)[0]
     monkeypatch.setattr(stats, "COMPACT_ON", ())
     monkeypatch.setattr(stats, "BINCOUNT_ON", ())
+    monkeypatch.setattr(stats, "SORTED_SUMS_ON", ())
     with _HostReads() as spy:
         out = rch_loss(
             c.embeddings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,8 @@ from rch.stats import (
     resize_logits,
     segment_sum,
 )
+
+from .conftest import DEVICE
 
 
 def test_resize_labels_nearest_keeps_values():
@@ -97,6 +100,28 @@ def test_segment_sum_equals_loop(n, d, s, seed):
         members = values[index == k]
         torch.testing.assert_close(sums[k], members.sum(0))
         assert int(counts[k]) == len(members)
+
+
+@pytest.mark.parametrize("sorted_sums", [True, False])
+def test_segment_sum_paths_agree_bitwise_with_gradient(monkeypatch, sorted_sums):
+    """The sorted (``embedding_bag``) and the scattered (``index_add``) sums add each bin's
+    rows in the same order on the CPU: equal bit for bit (on CUDA the scatter's atomics
+    add in any order), and the gradient is a gather either way."""
+    from rch import stats
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(500, 9, generator=g).to(DEVICE).requires_grad_(True)
+    index = torch.randint(0, 8, (500,), generator=g).to(DEVICE)  # bin 7: dropped
+    want = torch.zeros(8, 9, device=DEVICE).index_add(0, index, values.detach())[:7]
+    monkeypatch.setattr(stats, "SORTED_SUMS_ON", (DEVICE.type,) if sorted_sums else ())
+    sums, counts = segment_sum(values, index, 7)
+    exact = {"rtol": 0.0, "atol": 0.0} if DEVICE.type == "cpu" else {}
+    torch.testing.assert_close(sums.detach(), want, **exact)
+    assert counts.tolist() == torch.bincount(index, minlength=8)[:7].tolist()
+    weights = torch.randn(7, 9, generator=g).to(DEVICE)
+    (sums * weights).sum().backward()
+    padded = torch.cat([weights, weights.new_zeros(1, 9)])
+    assert torch.equal(values.grad, padded[index])
 
 
 def test_ema_update_by_hand():

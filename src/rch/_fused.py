@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -27,7 +28,7 @@ from . import stats
 from .distributed import world_size
 from .loss import EPS
 from .prototypes import ema_update
-from .stats import PixelSets, count_bins
+from .stats import PixelSets, segment_sum
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
 
@@ -113,20 +114,14 @@ class _PaperLoss(torch.autograd.Function):
         sets, k = plan.sets, prototypes.shape[0]
         norms = torch.linalg.vector_norm(rows, dim=1) if plan.norms is None else plan.norms
         denom = (norms + EPS).unsqueeze(1)
-        units = torch.empty_like(rows)
+        units = torch.div(rows, denom)
         blocks = _Blocks(units, int(plan.fn_term) + int(plan.fp_term))
         protos, present, counts = prototypes.clone(), None, None
         members = None if plan.members is None else torch.where(plan.members, sets.label, k)
-        sums = rows.new_zeros(k + 1, rows.shape[1])  # the spare bin k takes the non-members
-        # one pass over the rows: the unit rows, and the member rows' per-class sums while
-        # the block is still in cache
-        for part in blocks.slices:
-            torch.div(rows[part], denom[part], out=units[part])
-            if members is not None:
-                sums.index_add_(0, members[part], rows[part])
         if members is not None:
-            counts = count_bins(members, k + 1)[:k].to(rows.dtype)
-            sums = sums[:k]
+            # the member rows' per-class sums; the spare bin k takes the non-members
+            sums, int_counts = segment_sum(rows, members, k)
+            counts = int_counts.to(rows.dtype)
             if world_size(plan.group) > 1:
                 pooled = torch.cat([sums, counts.unsqueeze(1)], 1)
                 dist.all_reduce(pooled, group=plan.group)
@@ -146,39 +141,29 @@ class _PaperLoss(torch.autograd.Function):
             for name, on, cls in (("fn", plan.fn_term, sets.label), ("fp", plan.fp_term, sets.pred))
             if on
         }
-        # the misclassified rows; on a GPU all rows (the others add to the spare bin): the
-        # compaction would read the count back to the host, a synchronisation
+        # the misclassified rows, for the backward pass; on a GPU all rows (the others read the
+        # spare bin): the compaction would read the count back to the host, a synchronisation
         wrong = sets.wrong.nonzero().squeeze(1) if units.device.type in stats.COMPACT_ON else None
-        centre_sums = {name: units.new_zeros(bins + 1, units.shape[1]) for name in errors}
-        if wrong is None:
-            for name, index in errors.items():
-                centre_sums[name].index_add_(0, index, units)
-        else:
-            for start in range(0, wrong.shape[0], blocks.size) if errors else ():
-                rows_at = wrong[start : start + blocks.size]
-                block = blocks.gather(units, rows_at, slice(0, rows_at.shape[0]))
-                for name, index in errors.items():
-                    centre_sums[name].index_add_(0, index[rows_at], block)
         # the FN and FP centres side by side, (bins + 1, T, D): both are read at the anchor's
-        # own bin, so one gather serves the two
+        # own bin, so one gather serves the two; the spare bin stays zero with size zero
         names = list(errors)
         sizes = units.new_zeros(bins + 1, len(names))
+        table = units.new_zeros(bins + 1, len(names), units.shape[1]) if names else None
         for j, name in enumerate(names):
-            sizes[:, j] = count_bins(errors[name], bins + 1)
-        sizes[bins] = 0
-        table = torch.stack([centre_sums[name] for name in names], 1) if names else None
+            centre_sums, centre_sizes = segment_sum(units, errors[name], bins)
+            sizes[:bins, j] = centre_sizes
+            if table is not None:
+                table[:bins, j] = centre_sums
         has = sizes[anchor] > 0  # (N, T)
         dots = units.new_empty(units.shape[0], len(names))
         if table is not None:
             table.div_(sizes.clamp_min(1).unsqueeze(2))
-            table[bins] = 0
             flat_table = table.view(bins + 1, -1)
             for part in blocks.slices:
                 n = part.stop - part.start
-                gathered = blocks.gather(flat_table, anchor, part)
-                torch.linalg.vecdot(
-                    gathered.view(n, len(names), -1), units[part].unsqueeze(1), out=dots[part]
-                )
+                gathered = blocks.gather(flat_table, anchor, part).view(n, len(names), -1)
+                # in place in the scratch block, then summed: no temporary of the products
+                torch.sum(gathered.mul_(units[part].unsqueeze(1)), 2, out=dots[part])
         margins: dict[str, Tensor | None] = {"fn": None, "fp": None}
         for j, name in enumerate(names):
             sign = -1.0 if name == "fn" else 1.0
@@ -271,40 +256,7 @@ class _PaperLoss(torch.autograd.Function):
         d_cos.scatter_(1, target, ((d_true[0] + d_true[1]) / plan.tau).unsqueeze(1))
         d_units = d_cos @ proto_units
         d_proto_units = d_cos.T @ units
-        # pass 1, block by block: the gathered FN/FP centres into dU, and the weighted sums
-        # of anchors that flow back into the pixels that formed each centre
-        names, table, sizes, has = ctx.names, ctx.table, ctx.sizes, ctx.has
-        t = len(names)
-        blocks = _Blocks(units, t)
-        if table is not None:
-            # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
-            signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
-            d_dot = torch.stack([signed[name] for name in names], 1).where(has, 0.0)
-            back = units.new_zeros(table.shape[0], t * units.shape[1])
-            flat_table = table.view(table.shape[0], -1)
-            for part in blocks.slices:
-                n, dd, du = part.stop - part.start, d_dot[part], d_units[part]
-                gathered = blocks.gather(flat_table, anchor, part).view(n, t, -1)
-                for j in range(t):
-                    du.addcmul_(gathered[:, j], dd[:, j : j + 1])
-                spread = torch.mul(units[part].unsqueeze(1), dd.unsqueeze(2), out=blocks.buffer[:n])
-                back.index_add_(0, anchor[part], spread.view(n, -1))
-            back = back.view(table.shape[0], t, -1)
-            back /= sizes.clamp_min(1).unsqueeze(2)  # the spare bin has size 0 and stays 0
-            # the centres' own gradient, into the misclassified pixels that formed them
-            if ctx.all_rows:  # as in the forward pass: every row, the others read bin zero
-                block = back[:, 0].index_select(0, ctx.errors[0])
-                for j in range(1, t):
-                    block += back[:, j].index_select(0, ctx.errors[j])
-                d_units += block
-            for start in range(0, wrong.shape[0], blocks.size) if not ctx.all_rows else ():
-                rows_at = wrong[start : start + blocks.size]
-                block = blocks.gather(
-                    back[:, 0], ctx.errors[0][rows_at], slice(0, rows_at.shape[0])
-                )
-                for j in range(1, t):
-                    block += back[:, j].index_select(0, ctx.errors[j][rows_at])
-                d_units.index_add_(0, rows_at, block)
+        # the prototypes' gradient first: the pass below adds the gradient of the TP sums
         d_protos = _unit_backward_(d_proto_units, proto_units, proto_norms)
         d_protos = d_protos + g_protos
         d_prototypes, padded, members = d_protos, None, ctx.members
@@ -318,12 +270,52 @@ class _PaperLoss(torch.autograd.Function):
                 dist.all_reduce(d_sums, group=plan.group)
             d_prototypes = torch.where(mask, 0.0, d_protos)  # old prototypes enter detached
             padded = torch.cat([d_sums, d_sums.new_zeros(1, d_sums.shape[1])])
-        # pass 2, in place: through the unit normalisation of the rows, plus the gradient of
-        # the TP sums that formed the prototypes
+        # one pass, block by block, in place in dU: the gathered FN/FP centres, the weighted
+        # sums of anchors that flow back into the pixels that formed each centre, the unit
+        # normalisation's backward (linear in dU, so the centres' own gradient can go through
+        # it later), and the gradient of the TP sums
+        names, table, sizes, has = ctx.names, ctx.table, ctx.sizes, ctx.has
+        t = len(names)
+        blocks = _Blocks(units, t)
+        calibration: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        if table is not None:
+            # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
+            signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
+            d_dot = torch.stack([signed[name] for name in names], 1).where(has, 0.0)
+            back = units.new_zeros(table.shape[0], t * units.shape[1])
+            table_rows = table.view(-1, units.shape[1])  # bin b's T centres: rows b*T ... b*T+T-1
+            pairs = (anchor * t).unsqueeze(1) + torch.arange(t, device=anchor.device)
+            calibration = d_dot, table_rows, pairs, back
         for part in blocks.slices:
-            du = _unit_backward_(d_units[part], units[part], norms[part])
+            du = d_units[part]
+            if calibration is not None:
+                d_dot, table_rows, pairs, back = calibration
+                n, dd = part.stop - part.start, d_dot[part]
+                # sum_j dd_j C_j[anchor]: a weighted bag of the anchor's T table rows
+                du += F.embedding_bag(pairs[part], table_rows, mode="sum", per_sample_weights=dd)
+                spread = torch.mul(units[part].unsqueeze(1), dd.unsqueeze(2), out=blocks.buffer[:n])
+                back.index_add_(0, anchor[part], spread.view(n, -1))
+            _unit_backward_(du, units[part], norms[part])
             if padded is not None and members is not None:
                 du += blocks.gather(padded, members, part)
+        if calibration is not None and table is not None:
+            back = calibration[3].view(table.shape[0], t, -1)
+            back /= sizes.clamp_min(1).unsqueeze(2)  # the spare bin has size 0 and stays 0
+            # the centres' own gradient, into the misclassified pixels that formed them, through
+            # the unit normalisation of those pixels
+            if ctx.all_rows:  # as in the forward pass: every row, the others read bin zero
+                block = back[:, 0].index_select(0, ctx.errors[0])
+                for j in range(1, t):
+                    block += back[:, j].index_select(0, ctx.errors[j])
+                d_units += _unit_backward_(block, units, norms)
+            for start in range(0, wrong.shape[0], blocks.size) if not ctx.all_rows else ():
+                rows_at = wrong[start : start + blocks.size]
+                n = rows_at.shape[0]
+                block = blocks.gather(back[:, 0], ctx.errors[0][rows_at], slice(0, n))
+                for j in range(1, t):
+                    block += back[:, j].index_select(0, ctx.errors[j][rows_at])
+                _unit_backward_(block, units.index_select(0, rows_at), norms[rows_at])
+                d_units.index_add_(0, rows_at, block)
         d_rows = d_units
         need_rows, need_protos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (d_rows if need_rows else None), (d_prototypes if need_protos else None), None
