@@ -47,6 +47,7 @@ WHY_VARIANTS = {  # paper formulation, one setting changed: why does it (not) he
     "paper-gtproto": ("rch.prototype_source=gt",),  # prototypes from all labelled pixels
     "paper-first": ("rch.prototype_init=first",),  # prototypes start at the first class mean
     "paper-warmup": ("rch.warmup_iters=500",),  # RCH off for the first 500 iterations
+    "paper-wide": ("rch.embed_dim=256",),  # the paper's embedding width, not 64
     "paper-ohemoff": ("rch.ohem=off",),  # the RCH loss ignores OHEM: every labelled pixel
     # the pixels OHEM drops hidden from RCH, statistics too (the default before 2026-11-26)
     "paper-ohemhide": ("rch.ohem=hide",),
@@ -77,6 +78,7 @@ def base_config(args: argparse.Namespace) -> Any:
                 "base_size": args.base_size,
                 "crop_size": args.crop,
                 "workers": args.workers,
+                "cache": True,  # decode each file once: a tenth of a step at this size
             },
             "rch": {"embed_dim": args.embed_dim, "loss_weight": args.loss_weight},
             "loss": {"ohem": True, "ohem_min_kept": 50_000, "aux_weight": 0.4},

@@ -115,3 +115,27 @@ def test_missing_files_and_names(tmp_path):
     with pytest.raises(KeyError, match="unknown dataset"):
         parse_data_spec("kitti:/x")
     assert set(DATASETS) >= {"cityscapes", "ade20k", "pascal_context", "voc", "camvid", "folder"}
+
+
+def test_cached_samples_equal_the_files_and_are_read_once(tmp_path):
+    trees.camvid(tmp_path, [0, 10, 11, 3])
+    plain = build_dataset("camvid", tmp_path, "train")
+    cached = build_dataset("camvid", tmp_path, "train").cache_decoded()
+    assert cached.cache_decoded() is cached  # idempotent: the cache is kept
+    first = [cached[i] for i in range(len(cached))]
+    for path in (tmp_path / "images" / "train").iterdir():
+        path.unlink()  # a second read would fail: the samples must come from memory
+    with pytest.raises(FileNotFoundError):
+        plain[0]
+    for i, (image, mask) in enumerate(first):
+        again = cached[i]
+        assert torch.equal(again[0], image) and torch.equal(again[1], mask)
+        assert mask.dtype == torch.int64 and mask.flatten()[:4].tolist() == [0, 10, 255, 3]
+
+
+def test_cache_keeps_masks_whose_values_do_not_fit_a_byte(tmp_path):
+    trees.folder(tmp_path, [0, 2, 255, 1], ["bg", "cat", "dog"])
+    ds = build_dataset("folder", tmp_path, "train", ignore_index=-1).cache_decoded()
+    wide = torch.tensor([[-1, 300]])
+    ds._read = lambda index: (torch.zeros(3, 1, 2, dtype=torch.uint8), wide)  # type: ignore[method-assign]
+    assert ds[0][1].tolist() == [[-1, 300]]

@@ -63,6 +63,19 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
         train(apply_overrides(cfg, ["name=never"]), resume=True, progress=False)
 
 
+def test_cached_data_trains_exactly_like_files(tmp_path):
+    """``data.cache`` only changes where the decoded samples come from."""
+    cfg = tiny_config(tmp_path, train={"iters": 3})
+    plain = train(apply_overrides(cfg, ["name=plain"]), progress=False)
+    cached = train(apply_overrides(cfg, ["name=cached", "data.cache=true"]), progress=False)
+    a = load_checkpoint(plain.run_dir / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(cached.run_dir / "checkpoints" / "last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert plain.eval is not None and cached.eval is not None
+    assert torch.equal(plain.eval.confusion, cached.eval.confusion)
+
+
 def test_export_gives_the_baseline_state_dict(tmp_path):
     result = train(tiny_config(tmp_path, train={"iters": 2}), progress=False)
     model = export_checkpoint(result.run_dir, tmp_path / "deploy.pt")

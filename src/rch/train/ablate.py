@@ -81,6 +81,7 @@ IGNORED_KEYS = frozenset(
         "train.out_dir",
         "data.root",
         "data.workers",
+        "data.cache",
         "train.log_every",
         "train.ckpt_every",
         "train.retain_memory",

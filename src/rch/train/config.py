@@ -56,6 +56,7 @@ class DataConfig:
     jitter: float = 0.0
     ignore_index: int = 255
     workers: int = 0
+    cache: bool = False  # keep decoded samples in memory (SegmentationDataset.cache_decoded)
 
 
 RCH_OHEM = ("loss", "hide", "off")

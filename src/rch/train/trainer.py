@@ -353,6 +353,8 @@ def _train(
     d = cfg.data
     train_set = build_dataset(d.name, d.root, d.train_split, d.ignore_index, **d.options)
     val_set = build_dataset(d.name, d.root, d.val_split, d.ignore_index, **d.options)
+    if d.cache:
+        train_set, val_set = train_set.cache_decoded(), val_set.cache_decoded()
     k = train_set.info.num_classes
     net = build_network(cfg, k)
     module: nn.Module = net.module.to(env.device)
