@@ -94,15 +94,22 @@ def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def _unit_backward_(grad: Tensor, units: Tensor, norms: Tensor) -> Tensor:
+def _unit_backward_(
+    grad: Tensor, units: Tensor, norms: Tensor, dot_extra: Tensor | None = None
+) -> Tensor:
     """Gradient through ``u = x / (|x| + eps)``, computed in place in ``grad`` and returned.
 
     ``dx = (du - u (u . du) s / |x|) / s`` with ``s = |x| + eps``; for a zero row
-    (``u = 0``) it is ``du / s``.
+    (``u = 0``) it is ``du / s``. ``dot_extra`` (per row) is added to ``u . du``: the map is
+    linear in ``du``, so the part of ``du`` whose product with ``u`` is already known can be
+    added after the call, as ``part / s``, with its product passed here.
     """
     denom = norms + EPS
     ratio = torch.where(norms > 0, denom / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-    grad.addcmul_(units, (_dot_rows(units, grad) * ratio).unsqueeze(1), value=-1.0)
+    dot = _dot_rows(units, grad)
+    if dot_extra is not None:
+        dot += dot_extra
+    grad.addcmul_(units, (dot * ratio).unsqueeze(1), value=-1.0)
     return grad.div_(denom.unsqueeze(1))
 
 
@@ -196,6 +203,7 @@ class _PaperLoss(torch.autograd.Function):
         ctx.sizes = sizes  # type: ignore[attr-defined]
         ctx.errors = [errors[name] for name in names]  # type: ignore[attr-defined]
         ctx.has = has  # type: ignore[attr-defined]
+        ctx.dots = dots  # type: ignore[attr-defined]
         ctx.all_rows = wrong is None  # type: ignore[attr-defined]
         ctx.members = members  # type: ignore[attr-defined]
         ctx.save_for_backward(
@@ -270,36 +278,50 @@ class _PaperLoss(torch.autograd.Function):
                 dist.all_reduce(d_sums, group=plan.group)
             d_prototypes = torch.where(mask, 0.0, d_protos)  # old prototypes enter detached
             padded = torch.cat([d_sums, d_sums.new_zeros(1, d_sums.shape[1])])
-        # one pass, block by block, in place in dU: the gathered FN/FP centres, the weighted
-        # sums of anchors that flow back into the pixels that formed each centre, the unit
-        # normalisation's backward (linear in dU, so the centres' own gradient can go through
-        # it later), and the gradient of the TP sums
+        # one pass, block by block, in place in dU: the normalisation's backward, then one
+        # weighted bag per pixel of the rows that join the gradient after it (the anchor's T
+        # centres, weighted d dot / s; the TP-sum gradient of its class, weighted 1), and the
+        # weighted sums of anchors that flow back into the pixels that formed each centre.
+        # The centres go through the normalisation too; the map is linear, and their product
+        # with the pixel's unit row is the forward pass's dot, so it enters as dot_extra.
         names, table, sizes, has = ctx.names, ctx.table, ctx.sizes, ctx.has
         t = len(names)
         blocks = _Blocks(units, t)
-        calibration: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        sources: list[Tensor] = []
+        indices: list[Tensor] = []
+        weights: list[Tensor] = []
+        dot_extra = d_dot = back = None
         if table is not None:
             # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
             signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
             d_dot = torch.stack([signed[name] for name in names], 1).where(has, 0.0)
             back = units.new_zeros(table.shape[0], t * units.shape[1])
-            table_rows = table.view(-1, units.shape[1])  # bin b's T centres: rows b*T ... b*T+T-1
-            pairs = (anchor * t).unsqueeze(1) + torch.arange(t, device=anchor.device)
-            calibration = d_dot, table_rows, pairs, back
+            sources.append(table.view(-1, units.shape[1]))  # bin b's centres: rows b*T ... b*T+T-1
+            indices.append((anchor * t).unsqueeze(1) + torch.arange(t, device=anchor.device))
+            weights.append(d_dot / (norms + EPS).unsqueeze(1))
+            dot_extra = (d_dot * ctx.dots).sum(1)
+        if padded is not None and members is not None:
+            offset = sources[0].shape[0] if sources else 0
+            sources.append(padded)
+            indices.append((members + offset).unsqueeze(1))
+            weights.append(units.new_ones(units.shape[0], 1))
+        bag = (
+            (torch.cat(sources), torch.cat(indices, 1), torch.cat(weights, 1)) if sources else None
+        )
         for part in blocks.slices:
-            du = d_units[part]
-            if calibration is not None:
-                d_dot, table_rows, pairs, back = calibration
+            extra = None if dot_extra is None else dot_extra[part]
+            du = _unit_backward_(d_units[part], units[part], norms[part], extra)
+            if bag is not None:
+                rows_of, index, weight = bag
+                du += F.embedding_bag(
+                    index[part], rows_of, mode="sum", per_sample_weights=weight[part]
+                )
+            if back is not None and d_dot is not None:
                 n, dd = part.stop - part.start, d_dot[part]
-                # sum_j dd_j C_j[anchor]: a weighted bag of the anchor's T table rows
-                du += F.embedding_bag(pairs[part], table_rows, mode="sum", per_sample_weights=dd)
                 spread = torch.mul(units[part].unsqueeze(1), dd.unsqueeze(2), out=blocks.buffer[:n])
                 back.index_add_(0, anchor[part], spread.view(n, -1))
-            _unit_backward_(du, units[part], norms[part])
-            if padded is not None and members is not None:
-                du += blocks.gather(padded, members, part)
-        if calibration is not None and table is not None:
-            back = calibration[3].view(table.shape[0], t, -1)
+        if back is not None and table is not None:
+            back = back.view(table.shape[0], t, -1)
             back /= sizes.clamp_min(1).unsqueeze(2)  # the spare bin has size 0 and stays 0
             # the centres' own gradient, into the misclassified pixels that formed them, through
             # the unit normalisation of those pixels
