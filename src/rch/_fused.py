@@ -287,37 +287,46 @@ class _PaperLoss(torch.autograd.Function):
         names, table, sizes, has = ctx.names, ctx.table, ctx.sizes, ctx.has
         t = len(names)
         blocks = _Blocks(units, t)
+        # the bag's table: the T centres of bin b in rows b*T ... b*T+T-1, then the TP-sum
+        # gradient of class c in row (bins + 1) * T + c; its indices and weights are built
+        # block by block (a whole (N, T + 1) index would weigh on the peak at small D)
         sources: list[Tensor] = []
-        indices: list[Tensor] = []
-        weights: list[Tensor] = []
-        dot_extra = d_dot = back = None
+        dot_extra = d_dot = back = inv_denom = None
         if table is not None:
             # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
             signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
             d_dot = torch.stack([signed[name] for name in names], 1).where(has, 0.0)
             back = units.new_zeros(table.shape[0], t * units.shape[1])
-            sources.append(table.view(-1, units.shape[1]))  # bin b's centres: rows b*T ... b*T+T-1
-            indices.append((anchor * t).unsqueeze(1) + torch.arange(t, device=anchor.device))
-            weights.append(d_dot / (norms + EPS).unsqueeze(1))
+            sources.append(table.view(-1, units.shape[1]))
+            inv_denom = (norms + EPS).reciprocal_().unsqueeze(1)
             dot_extra = (d_dot * ctx.dots).sum(1)
-        if padded is not None and members is not None:
-            offset = sources[0].shape[0] if sources else 0
+        tp_grad = padded is not None and members is not None
+        if padded is not None:
             sources.append(padded)
-            indices.append((members + offset).unsqueeze(1))
-            weights.append(units.new_ones(units.shape[0], 1))
-        bag = (
-            (torch.cat(sources), torch.cat(indices, 1), torch.cat(weights, 1)) if sources else None
-        )
+        offset = sources[0].shape[0] if table is not None else 0
+        bag_rows = torch.cat(sources) if sources else None
+        column = torch.arange(t, device=anchor.device)
+        ones = units.new_ones(blocks.size, 1)
         for part in blocks.slices:
+            n = part.stop - part.start
             extra = None if dot_extra is None else dot_extra[part]
             du = _unit_backward_(d_units[part], units[part], norms[part], extra)
-            if bag is not None:
-                rows_of, index, weight = bag
+            if bag_rows is not None:
+                index, weight = [], []
+                if d_dot is not None and inv_denom is not None:
+                    index.append((anchor[part] * t).unsqueeze(1) + column)
+                    weight.append(d_dot[part] * inv_denom[part])
+                if tp_grad and members is not None:
+                    index.append((members[part] + offset).unsqueeze(1))
+                    weight.append(ones[:n])
                 du += F.embedding_bag(
-                    index[part], rows_of, mode="sum", per_sample_weights=weight[part]
+                    torch.cat(index, 1),
+                    bag_rows,
+                    mode="sum",
+                    per_sample_weights=torch.cat(weight, 1),
                 )
             if back is not None and d_dot is not None:
-                n, dd = part.stop - part.start, d_dot[part]
+                dd = d_dot[part]
                 spread = torch.mul(units[part].unsqueeze(1), dd.unsqueeze(2), out=blocks.buffer[:n])
                 back.index_add_(0, anchor[part], spread.view(n, -1))
         if back is not None and table is not None:
