@@ -48,6 +48,7 @@ WHY_VARIANTS = {  # paper formulation, one setting changed: why does it (not) he
     "paper-first": ("rch.prototype_init=first",),  # prototypes start at the first class mean
     "paper-warmup": ("rch.warmup_iters=500",),  # RCH off for the first 500 iterations
     "paper-wide": ("rch.embed_dim=256",),  # the paper's embedding width, not 64
+    "paper-light": ("rch.loss_weight=0.05",),  # half the default lambda
     "paper-ohemoff": ("rch.ohem=off",),  # the RCH loss ignores OHEM: every labelled pixel
     # the pixels OHEM drops hidden from RCH, statistics too (the default before 2026-11-26)
     "paper-ohemhide": ("rch.ohem=hide",),
