@@ -291,16 +291,18 @@ class _PaperLoss(torch.autograd.Function):
         # gradient of class c in row (bins + 1) * T + c; its indices and weights are built
         # block by block (a whole (N, T + 1) index would weigh on the peak at small D)
         sources: list[Tensor] = []
-        dot_extra = d_dot = back = inv_denom = None
+        # with the FN/FP terms: d dot per anchor, 1 / s per row, d dot . dot per row
+        centres: tuple[Tensor, Tensor, Tensor] | None = None
+        back = None
         if table is not None:
             # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
             signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
             d_dot = torch.stack([signed[name] for name in names], 1).where(has, 0.0)
+            inv_denom = (norms + EPS).reciprocal_().unsqueeze(1)
+            centres = d_dot, inv_denom, (d_dot * ctx.dots).sum(1)
             back = units.new_zeros(table.shape[0], t * units.shape[1])
             sources.append(table.view(-1, units.shape[1]))
-            inv_denom = (norms + EPS).reciprocal_().unsqueeze(1)
-            dot_extra = (d_dot * ctx.dots).sum(1)
-        tp_grad = padded is not None and members is not None
+        tp_index = members if padded is not None else None  # class rows of the TP-sum gradient
         if padded is not None:
             sources.append(padded)
         offset = sources[0].shape[0] if table is not None else 0
@@ -309,15 +311,15 @@ class _PaperLoss(torch.autograd.Function):
         ones = units.new_ones(blocks.size, 1)
         for part in blocks.slices:
             n = part.stop - part.start
-            extra = None if dot_extra is None else dot_extra[part]
+            extra = None if centres is None else centres[2][part]
             du = _unit_backward_(d_units[part], units[part], norms[part], extra)
             if bag_rows is not None:
                 index, weight = [], []
-                if d_dot is not None and inv_denom is not None:
+                if centres is not None:
                     index.append((anchor[part] * t).unsqueeze(1) + column)
-                    weight.append(d_dot[part] * inv_denom[part])
-                if tp_grad and members is not None:
-                    index.append((members[part] + offset).unsqueeze(1))
+                    weight.append(centres[0][part] * centres[1][part])
+                if tp_index is not None:
+                    index.append((tp_index[part] + offset).unsqueeze(1))
                     weight.append(ones[:n])
                 du += F.embedding_bag(
                     torch.cat(index, 1),
@@ -325,8 +327,8 @@ class _PaperLoss(torch.autograd.Function):
                     mode="sum",
                     per_sample_weights=torch.cat(weight, 1),
                 )
-            if back is not None and d_dot is not None:
-                dd = d_dot[part]
+            if back is not None and centres is not None:
+                dd = centres[0][part]
                 spread = torch.mul(units[part].unsqueeze(1), dd.unsqueeze(2), out=blocks.buffer[:n])
                 back.index_add_(0, anchor[part], spread.view(n, -1))
         if back is not None and table is not None:
