@@ -44,6 +44,19 @@ def test_resize_labels_picks_interpolates_nearest_pixels(h_in, w_in, h_out, w_ou
     assert got.dtype == dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize(
+    ("n_in", "n_out"),
+    [(1024, 128), (512, 64), (1080, 135), (2048, 256), (720, 90), (1000, 129), (4001, 333)],
+)
+def test_resize_labels_picks_interpolates_pixels_at_dataset_sizes(n_in, n_out):
+    # each source row and column holds its own index, so any other pick shows
+    labels = torch.arange(n_in)[:, None] * 10_000 + torch.arange(n_in)[None, :]
+    want = torch.nn.functional.interpolate(
+        labels[None, None].to(torch.float64), size=(n_out, n_out), mode="nearest"
+    )[0].to(torch.int64)
+    assert torch.equal(resize_labels(labels[None], (n_out, n_out)), want)
+
+
 @given(
     h_in=st.integers(1, 40),
     w_in=st.integers(1, 40),

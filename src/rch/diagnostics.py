@@ -28,6 +28,7 @@ from .stats import (
     resize_labels,
     resize_logits,
     set_counts,
+    work_dtype,
 )
 
 __all__ = [
@@ -78,8 +79,7 @@ class CalibrationStats:
 
 def _work(x: Tensor) -> Tensor:
     """Detached, in float64 when given float64, else float32 (as the loss computes)."""
-    x = x.detach()
-    return x if x.dtype == torch.float64 else x.float()
+    return x.detach().to(work_dtype(x))
 
 
 def _prepare(
@@ -87,8 +87,8 @@ def _prepare(
 ) -> tuple[PixelSets, Tensor, Tensor]:
     _, _, h, w = embeddings.shape
     small = resize_labels(labels, (h, w))
-    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    logits = resize_logits(seg_logits.detach(), (h, w), dtype)  # cast after the resize
+    # cast after the resize
+    logits = resize_logits(seg_logits.detach(), (h, w), work_dtype(embeddings))
     pred, _ = prediction_confidence(logits, torch.zeros_like(small))
     sets = pixel_sets(small, pred, num_classes, ignore_index)
     rows = flatten_pixels(_work(embeddings))

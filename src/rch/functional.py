@@ -34,6 +34,7 @@ from .stats import (
     resize_logits,
     segment_sum,
     set_counts,
+    work_dtype,
 )
 
 __all__ = ["PrototypeSource", "RCHLossOutput", "rch_loss"]
@@ -275,7 +276,7 @@ def rch_loss(
             f"alpha={alpha} only applies to formulation='official'; the paper's margin scale "
             f"is fixed (alpha = tau = {tau}). Leave alpha=None."
         )
-    dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    dtype = work_dtype(embeddings)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         step = _Step(
             formulation=formulation,

@@ -25,6 +25,7 @@ __all__ = [
     "resize_logits",
     "segment_sum",
     "set_counts",
+    "work_dtype",
 ]
 
 
@@ -43,13 +44,32 @@ class PixelSets(NamedTuple):
     wrong: Tensor  # (N,) bool: valid and pred != label (FN of label, FP of pred)
 
 
+def work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the loss computes in for ``x``: float64 when ``x`` is float64, else float32
+    (half and bfloat16 inputs are computed in float32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _nearest_source(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """Source index of each of ``n_out`` outputs, as ``F.interpolate(mode="nearest")`` picks it:
+    ``min(floor(i * (n_in / n_out)), n_in - 1)``, the scale and product in float32."""
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    picked = torch.arange(n_out, dtype=torch.float32) * scale
+    return picked.floor_().to(torch.int64).clamp_max_(n_in - 1).to(device)
+
+
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of a ``(B, H, W)`` label map (any dtype) to ``size`` (no-op
-    if equal)."""
+    if equal).
+
+    Picks the same pixels as ``F.interpolate(mode="nearest")`` but by indexing: only the
+    kept rows and columns are read, and no floating-point copy of the map is made.
+    """
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
-    resized = F.interpolate(labels[:, None].to(torch.float64), size=size, mode="nearest")
-    return resized[:, 0].to(labels.dtype)
+    rows = _nearest_source(labels.shape[-2], size[0], labels.device)
+    cols = _nearest_source(labels.shape[-1], size[1], labels.device)
+    return labels.index_select(-2, rows).index_select(-1, cols)
 
 
 def resize_logits(
