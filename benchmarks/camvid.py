@@ -12,7 +12,8 @@ variant and seed. ``--merge`` takes the runs of earlier results files of the sam
 (another session, another machine) instead of training them again.
 
 Run: ``python benchmarks/camvid.py --root ../shared/data/camvid [--variants baseline paper
-official] [--ablation [ROW ...]] [--grid] [--why] [--seeds 0 1 2] [--iters 3000] [--jobs 2]
+official] [--ablation [ROW ...]] [--grid [POINT ...]] [--why [NAME ...]] [--seeds 0 1 2]
+[--iters 3000] [--jobs 2]
 [--merge earlier.json ...] [--collect]``
 """
 
@@ -35,6 +36,7 @@ from rch.train.logger import json_safe
 
 RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
 ABLATION_ROWS = [r for r in TABLE1 if r not in ("baseline", "full")]  # the others: variants
+GRID_POINTS = [v.name for v in variants([], grid=True)]  # "tau=0.25", ...: one value changed
 BASE_VARIANTS = {
     "baseline": ("rch.enabled=false",),
     "paper": ("rch.formulation=paper",),
@@ -202,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=ABLATION_ROWS,
         help="also these Table 1 rows (all of them when none is named)",
     )
-    p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")
+    p.add_argument(
+        "--grid",
+        nargs="*",
+        choices=GRID_POINTS,
+        help="also these points of the tau / rho / lambda grid (all of them when none is named)",
+    )
     p.add_argument(
         "--why",
         nargs="*",
@@ -241,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = base_config(args)
     runs = [Variant(n, BASE_VARIANTS[n]) for n in args.variants]
-    if args.ablation is not None or args.grid:
+    if args.ablation is not None or args.grid is not None:
         rows = list(ABLATION_ROWS) if args.ablation == [] else args.ablation or []
-        extra = variants(rows, grid=args.grid)
+        points = list(GRID_POINTS) if args.grid == [] else args.grid or []
+        extra = [v for v in variants(rows, grid=bool(points)) if v.name in [*rows, *points]]
         runs += [v for v in extra if v.name not in {r.name for r in runs}]
     why = list(WHY_VARIANTS) if args.why == [] else args.why or []  # bare --why: all
     for name in why:
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         config=protocol,
         merged=[str(path) for path in args.merge],
         variants=overrides,
-        grid={k: list(v) for k, v in GRID.items()} if args.grid else None,
+        grid={k: list(v) for k, v in GRID.items()} if args.grid is not None else None,
     )
     started = time.time()
 

@@ -212,3 +212,33 @@ def test_camvid_ablation_trains_the_named_table1_rows(tmp_path: Path, rows, expe
     assert planned == (expected or ["learned", "gt", "tp", "tp+fn", "tp+fp"])
     with pytest.raises(SystemExit):  # not a row of the table
         camvid.main([*argv, "--ablation", "full", "--collect"])
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [
+        (["loss_weight=0.2"], ["loss_weight=0.2"]),
+        (["momentum=0.99", "tau=0.25"], ["tau=0.25", "momentum=0.99"]),
+        ([], None),
+    ],
+)
+def test_camvid_grid_trains_the_named_points(tmp_path: Path, points, expected):
+    """``--grid POINT ...`` picks points of the tau / rho / lambda grid, each one value changed
+    from the paper's defaults; bare ``--grid`` means all nine."""
+    camvid = _camvid_module()
+    results = tmp_path / "plan.json"
+    argv = ["--root", str(tmp_path), "--out", str(tmp_path / "runs"), "--results", str(results)]
+    camvid.main([*argv, "--variants", "--grid", *points, "--collect", "--no-progress"])
+    planned = json.loads(results.read_text())["meta"]["variants"]
+    everything = [
+        *(f"tau={t}" for t in (0.125, 0.25, 1.0)),
+        *(f"momentum={m}" for m in (0.5, 0.7, 0.99)),
+        *(f"loss_weight={w}" for w in (0.2, 0.3, 0.4)),
+    ]
+    assert list(planned) == (expected or everything)
+    key = {"tau": "rch.tau", "momentum": "rch.momentum", "loss_weight": "rch.loss_weight"}
+    for name, overrides in planned.items():  # each point overrides exactly its own value
+        what, value = name.split("=")
+        assert overrides == [f"{key[what]}={value}"]
+    with pytest.raises(SystemExit):  # the default is the paper variant, not a grid point
+        camvid.main([*argv, "--grid", "tau=0.5", "--collect"])
