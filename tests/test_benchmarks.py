@@ -41,6 +41,22 @@ def test_loss_cost_quick_writes_json(tmp_path: Path):
     assert data["meta"]["command"].startswith("python")
 
 
+def test_loss_memory_quick_measures_both_paths(tmp_path: Path):
+    """The GPU path's bytes are measured on the CPU; smaller row blocks lower its peak."""
+    out = tmp_path / "memory.json"
+    script = str(ROOT / "benchmarks" / "loss_memory.py")
+    cmd = [sys.executable, script, "--quick", "--formulations", "paper", "official"]
+    run = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    rows = {(r["formulation"], r["path"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        (f, p) for f in ("paper", "official") for p in ("cpu", "gpu, 1 B blocks", "gpu, one block")
+    }
+    assert all(r["peak_mib"] > 0 for r in rows.values())
+    blocked, whole = rows["paper", "gpu, 1 B blocks"], rows["paper", "gpu, one block"]
+    assert blocked["peak_mib"] < whole["peak_mib"]
+
+
 def test_train_cost_quick_checks_inference_equality(tmp_path: Path):
     out = tmp_path / "train.json"
     cmd = [

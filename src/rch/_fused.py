@@ -52,7 +52,14 @@ class PaperPlan:
 
 
 CHUNK_BYTES = 1 << 21
-"""Gathers run over blocks of rows whose scratch buffer fits in a core's cache."""
+"""On a CPU, gathers run over blocks of rows whose scratch buffer fits in a core's cache."""
+
+DEVICE_CHUNK_BYTES = 1 << 23
+"""On other devices (a GPU: wide kernels, a caching allocator), blocks of 8 MiB of scratch:
+few launches per pass, and the backward pass's per-pixel temporaries stay a few MiB. One
+block for all pixels (``(N, 2, D)`` in float32, 32 MiB for DeepLabV3 at 512x1024, batch 2)
+would add to the training step's peak, which on a GPU comes at the start of the backward
+pass, where the RCH loss's backward runs."""
 
 
 class _Blocks:
@@ -61,18 +68,19 @@ class _Blocks:
     A gather ``table[index]`` is written block by block into the buffer and consumed at
     once, so no ``(N, D)`` temporary is ever allocated and the gathered rows never leave
     the cache. The buffer holds ``count`` rows per pixel, for gathers from tables that
-    stack ``count`` rows per bin; the block size keeps it within :data:`CHUNK_BYTES`
-    (a larger one is a fresh, page-faulting allocation on every call).
+    stack ``count`` rows per bin; the block size keeps it within :data:`CHUNK_BYTES` on a
+    CPU (a larger one is a fresh, page-faulting allocation on every call) and within
+    :data:`DEVICE_CHUNK_BYTES` elsewhere.
     """
 
     def __init__(self, like: Tensor, count: int = 1) -> None:
         n, d = like.shape
         count = max(count, 1)
-        self.size = max(64, CHUNK_BYTES // max(1, count * d * like.element_size()))
-        if like.device.type != "cpu":  # a caching allocator and wide kernels: one block
-            self.size = max(n, 1)
+        budget = CHUNK_BYTES if like.device.type == "cpu" else DEVICE_CHUNK_BYTES
+        rows = max(64, budget // max(1, count * d * like.element_size()))
+        self.size = min(rows, max(n, 1))  # never more rows than there are
         self.slices = [slice(i, min(i + self.size, n)) for i in range(0, n, self.size)]
-        self.buffer = like.new_empty(min(self.size, max(n, 1)), count, d)
+        self.buffer = like.new_empty(self.size, count, d)
 
     def rows(self, n: int) -> Tensor:
         """The buffer's first ``n * D`` entries as a contiguous ``(n, D)`` block."""
@@ -336,11 +344,12 @@ class _PaperLoss(torch.autograd.Function):
             back /= sizes.clamp_min(1).unsqueeze(2)  # the spare bin has size 0 and stays 0
             # the centres' own gradient, into the misclassified pixels that formed them, through
             # the unit normalisation of those pixels
-            if ctx.all_rows:  # as in the forward pass: every row, the others read bin zero
-                block = back[:, 0].index_select(0, ctx.errors[0])
+            for part in blocks.slices if ctx.all_rows else ():  # every row, as in the forward
+                # pass: the correctly classified ones read the spare bin, which stays zero
+                block = blocks.gather(back[:, 0], ctx.errors[0], part)
                 for j in range(1, t):
-                    block += back[:, j].index_select(0, ctx.errors[j])
-                d_units += _unit_backward_(block, units, norms)
+                    block += back[:, j].index_select(0, ctx.errors[j][part])
+                d_units[part] += _unit_backward_(block, units[part], norms[part])
             for start in range(0, wrong.shape[0], blocks.size) if not ctx.all_rows else ():
                 rows_at = wrong[start : start + blocks.size]
                 n = rows_at.shape[0]
