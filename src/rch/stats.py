@@ -50,26 +50,23 @@ def work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _nearest_source(n_in: int, n_out: int, device: torch.device) -> Tensor:
-    """Source index of each of ``n_out`` outputs, as ``F.interpolate(mode="nearest")`` picks it:
-    ``min(floor(i * (n_in / n_out)), n_in - 1)``, the scale and product in float32."""
-    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
-    picked = torch.arange(n_out, dtype=torch.float32) * scale
-    return picked.floor_().to(torch.int64).clamp_max_(n_in - 1).to(device)
-
-
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of a ``(B, H, W)`` label map (any dtype) to ``size`` (no-op
-    if equal).
+    if equal), picking the pixels ``F.interpolate(mode="nearest")`` picks.
 
-    Picks the same pixels as ``F.interpolate(mode="nearest")`` but by indexing: only the
-    kept rows and columns are read, and no floating-point copy of the map is made.
+    A downsampling by a whole factor on both axes (a network's stride: 512 -> 64) is a
+    strided slice, which picks exactly those pixels, with no floating-point copy of the
+    map. Other sizes go through ``F.interpolate`` itself on a float64 copy: its picks where
+    ``i * H / h`` is a whole number depend on its float rounding, which differs between its
+    kernel paths.
     """
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
-    rows = _nearest_source(labels.shape[-2], size[0], labels.device)
-    cols = _nearest_source(labels.shape[-1], size[1], labels.device)
-    return labels.index_select(-2, rows).index_select(-1, cols)
+    (h_in, w_in), (h, w) = labels.shape[-2:], size
+    if h_in % h == 0 and w_in % w == 0:
+        return labels[..., :: h_in // h, :: w_in // w].contiguous()
+    resized = F.interpolate(labels[:, None].to(torch.float64), size=size, mode="nearest")
+    return resized[:, 0].to(labels.dtype)
 
 
 def resize_logits(
