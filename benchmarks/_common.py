@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,3 +27,10 @@ def run_meta(argv: list[str] | None, **extra: Any) -> dict[str, Any]:
     if str(extra.get("device", "cpu")).startswith("cuda") and torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name()
     return meta
+
+
+def write_results(path: Path, data: dict[str, Any]) -> None:
+    """Write a benchmark's JSON (its folder made if missing) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    print(f"written: {path}")

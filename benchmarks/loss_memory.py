@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_meta
+from _common import run_meta, write_results
 from rch import _fused, stats
 from rch.functional import rch_loss
 
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         embedding_float32_mib=embedding_mib,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"written: {args.out}")
+    write_results(args.out, {"meta": meta, "rows": rows})
     return 0
 
 

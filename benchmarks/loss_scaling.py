@@ -12,7 +12,6 @@ Run: ``python benchmarks/loss_scaling.py [--reps 5] [--dims 64 256]``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -21,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_meta
+from _common import run_meta, write_results
 from loss_cost import make_inputs, run_once
 
 MAPS = ((32, 64), (64, 128), (128, 256), (256, 512))
@@ -91,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         B=args.batch,
         K=args.classes,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "fits": fits}, indent=1))
-    print(f"written: {args.out}")
+    write_results(args.out, {"meta": meta, "rows": rows, "fits": fits})
     return 0
 
 

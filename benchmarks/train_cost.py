@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_meta
+from _common import run_meta, write_results
 from loss_cost import _kib
 from rch import export
 from rch.models import split_outputs
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         reps=args.reps,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"written: {args.out}")
+    write_results(args.out, {"meta": meta, "results": results})
     return 0
 
 
