@@ -58,8 +58,9 @@ DEVICE_CHUNK_BYTES = 1 << 23
 """On other devices (a GPU: wide kernels, a caching allocator), blocks of 8 MiB of scratch:
 few launches per pass, and the backward pass's per-pixel temporaries stay a few MiB. One
 block for all pixels (``(N, 2, D)`` in float32, 32 MiB for DeepLabV3 at 512x1024, batch 2)
-would add to the training step's peak, which on a GPU comes at the start of the backward
-pass, where the RCH loss's backward runs."""
+would add to the training step's peak, which under AMP is likely to come at the start of
+the backward pass, where the RCH loss's backward runs (``benchmarks/loss_memory.py``
+measures the loss's own peak on each path)."""
 
 
 class _Blocks:
