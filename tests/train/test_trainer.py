@@ -9,7 +9,7 @@ import torch
 
 from rch.errors import RCHError
 from rch.models import build_model
-from rch.train import export_checkpoint, load_checkpoint, save_checkpoint, train
+from rch.train import build_network, export_checkpoint, load_checkpoint, save_checkpoint, train
 from rch.train.config import apply_overrides
 from rch.train.logger import read_metrics
 
@@ -155,11 +155,17 @@ def test_bf16_autocast_and_adamw_run_on_cpu(tmp_path):
     ],
 )
 def test_variants_train(tmp_path, override, value):
-    result = train(apply_overrides(tiny_config(tmp_path), [f"{override}={value}"]), progress=False)
+    cfg = apply_overrides(tiny_config(tmp_path), [f"{override}={value}"])
+    result = train(cfg, progress=False)
     logs = read_metrics(result.run_dir, "train")
     assert all(r["loss"] == r["loss"] for r in logs)
     if override == "rch.warmup_iters":
         assert [r["rch"] == 0 for r in logs] == [True, True, False, False]
+    if override == "rch.prototypes":  # parameters that the optimiser trains, not EMA buffers
+        torch.manual_seed(cfg.seed)  # as train() does before it builds the network
+        initial = build_network(cfg, 10).module.state_dict()["head.prototypes"]
+        trained = dict(result.network.module.named_parameters())["head.prototypes"]
+        assert not torch.equal(trained.detach(), initial)
 
 
 def test_checkpoints_load_without_the_initial_weights(tmp_path):
