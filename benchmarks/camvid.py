@@ -132,8 +132,11 @@ def summarize(results: Runs) -> dict[str, Any]:
     return out
 
 
-def load_runs(path: Path, protocol: dict[str, Any], variants: dict[str, list[str]]) -> Runs:
-    """The runs of an earlier results file, after checking that it used the same protocol.
+def load_runs(
+    path: Path, protocol: dict[str, Any], variants: dict[str, list[str]]
+) -> tuple[Runs, dict[str, list[str]]]:
+    """The runs of an earlier results file, after checking that it used the same protocol,
+    and the overrides of its variants (name -> overrides).
 
     Files written before runs were keyed by seed hold a list per variant, in the order of
     ``meta.config.seeds``.
@@ -159,7 +162,7 @@ def load_runs(path: Path, protocol: dict[str, Any], variants: dict[str, list[str
             runs[name] = {int(seeds[i]): r for i, r in enumerate(entries)}
         else:
             runs[name] = {int(seed): r for seed, r in entries.items()}
-    return runs
+    return runs, {name: list(o) for name, o in meta.get("variants", {}).items()}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -265,18 +268,21 @@ def main(argv: list[str] | None = None) -> int:
         if k not in ("out", "results", "root", "merge", "collect")
     }
     done: Runs = {v.name: {} for v in runs}
+    described = dict(overrides)  # every variant in the results file, merged ones too
     for path in args.merge:
         try:
-            merged = load_runs(path, protocol, overrides)
+            merged, theirs = load_runs(path, protocol, overrides)
         except (OSError, ValueError, KeyError) as e:
             p.error(f"{e}" if isinstance(e, ValueError) else f"--merge {path}: unreadable ({e!r})")
         for name, seeds in merged.items():  # all of them: nothing already measured is lost
             done.setdefault(name, {}).update(seeds)
+        for name, changed in theirs.items():
+            described.setdefault(name, changed)
     meta = run_meta(
         argv,
         config=protocol,
         merged=[str(path) for path in args.merge],
-        variants=overrides,
+        variants=described,
         grid={k: list(v) for k, v in GRID.items()} if args.grid is not None else None,
     )
     started = time.time()

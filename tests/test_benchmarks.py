@@ -154,7 +154,10 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     ]
     narrow[narrow.index("--results") + 1] = str(tmp_path / "narrow.json")
     subprocess.run(narrow, capture_output=True, text=True, check=True, cwd=ROOT)
-    assert set(json.loads((tmp_path / "narrow.json").read_text())["runs"]["baseline"]) == {"0", "1"}
+    narrowed = json.loads((tmp_path / "narrow.json").read_text())
+    assert set(narrowed["runs"]["baseline"]) == {"0", "1"}
+    # ... and what each merged variant changed, though this request did not name it
+    assert narrowed["meta"]["variants"]["baseline"] == ["rch.enabled=false"]
     collected = json.loads((tmp_path / "collected.json").read_text())
     assert collected["summary"]["paper"]["seeds"] == [0, 1, 2]
     other = [*more[: more.index("--iters") + 1], "3", *more[more.index("--iters") + 2 :]]
@@ -202,8 +205,9 @@ def test_camvid_merge_reads_the_older_list_format_and_checks_the_protocol(tmp_pa
     }
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
-    runs = camvid.load_runs(path, protocol, {"baseline": ["rch.enabled=false"]})
+    runs, described = camvid.load_runs(path, protocol, {"baseline": ["rch.enabled=false"]})
     assert runs == {"baseline": {3: {"mIoU": 0.3}, 5: {"mIoU": 0.5}}}
+    assert described == {"baseline": ["rch.enabled=false"]}
     summary = camvid.summarize({"baseline": runs["baseline"], "x": {5: {"mIoU": 0.6, "IoU": {}}}})
     assert summary["x"]["paired_seeds"] == [5]
     assert abs(summary["x"]["paired_diff"][0] - 10.0) < 1e-9  # paired with seed 5, not 3
