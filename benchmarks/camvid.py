@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     done: Runs = {v.name: {} for v in runs}
     described = dict(overrides)  # every variant in the results file, merged ones too
     for path in args.merge:
-        try:
-            merged, theirs = load_runs(path, protocol, overrides)
+        try:  # checked against the variants requested and those of the files before it
+            merged, theirs = load_runs(path, protocol, described)
         except (OSError, ValueError, KeyError) as e:
             p.error(f"{e}" if isinstance(e, ValueError) else f"--merge {path}: unreadable ({e!r})")
         for name, seeds in merged.items():  # all of them: nothing already measured is lost

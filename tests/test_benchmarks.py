@@ -158,6 +158,16 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     assert set(narrowed["runs"]["baseline"]) == {"0", "1"}
     # ... and what each merged variant changed, though this request did not name it
     assert narrowed["meta"]["variants"]["baseline"] == ["rch.enabled=false"]
+    # two merged files that define an unrequested variant differently are refused
+    clash = tmp_path / "clash.json"
+    data_clash = json.loads(results.read_text())
+    data_clash["meta"]["variants"]["baseline"] = ["rch.enabled=false", "rch.tau=0.25"]
+    clash.write_text(json.dumps(data_clash))
+    both = list(narrow)
+    both.insert(both.index("--merge") + 2, str(clash))  # --merge results clash
+    both[both.index("--results") + 1] = str(tmp_path / "both.json")
+    refused = subprocess.run(both, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode != 0 and "variant baseline" in refused.stderr
     collected = json.loads((tmp_path / "collected.json").read_text())
     assert collected["summary"]["paper"]["seeds"] == [0, 1, 2]
     other = [*more[: more.index("--iters") + 1], "3", *more[more.index("--iters") + 2 :]]
