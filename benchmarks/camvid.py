@@ -129,7 +129,27 @@ def summarize(results: Runs) -> dict[str, Any]:
                 for c in classes
             }
         out[name] = entry
+    sd, df = pooled_diff_sd([e["paired_diff"] for e in out.values() if "paired_diff" in e])
+    for entry in out.values():
+        if "paired_diff" in entry:
+            entry["diff_se_pooled"] = sd / math.sqrt(len(entry["paired_diff"]))
+            entry["pooled_sd"], entry["pooled_df"] = sd, df
     return out
+
+
+def pooled_diff_sd(diffs: list[list[float]]) -> tuple[float, int]:
+    """The per-seed standard deviation of a paired difference, pooled over variants, and its
+    degrees of freedom: sqrt(sum_i (n_i - 1) s_i^2 / sum_i (n_i - 1)) over the variants with
+    at least two seeds; nan and 0 when none has.
+
+    One variant's own SD rests on a handful of seeds (2 degrees of freedom for 3), so its
+    SE can be small by luck; the pooled SD uses every variant's spread. The variants share
+    the baseline runs, so their spreads are not independent: read the pooled SE as the
+    typical noise of a paired difference on this protocol, not as an exact test.
+    """
+    ss = sum(statistics.variance(d) * (len(d) - 1) for d in diffs if len(d) > 1)
+    df = sum(len(d) - 1 for d in diffs if len(d) > 1)
+    return (math.sqrt(ss / df) if df else math.nan), df
 
 
 def load_runs(
@@ -169,18 +189,26 @@ def format_summary(summary: dict[str, Any]) -> str:
     w = max([14, *map(len, summary)])
     lines = [
         f"{'variant':<{w}} {'runs':>4} {'mIoU':>7} {'std':>6} {'paired diff':>12} {'SE':>6}"
-        "  per-seed diffs"
+        f" {'pooled SE':>9}  per-seed diffs"
     ]
     for name, e in summary.items():
         diff = e.get("diff_mean", math.nan)
         se = e.get("diff_se", math.nan)
+        pooled = e.get("diff_se_pooled", math.nan)
         per = " ".join(f"{d:+.2f}" for d in e.get("paired_diff", []))
         if name == "baseline":
             lines.append(f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f}")
             continue
         lines.append(
             f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f} {diff:+12.2f}"
-            f" {se:6.2f}  {per}"
+            f" {se:6.2f} {pooled:9.2f}  {per}"
+        )
+    pooled_of = [e for e in summary.values() if "pooled_sd" in e]
+    if pooled_of:
+        lines.append(
+            f"pooled SE: the per-seed SD of a paired difference pooled over the variants,"
+            f" {pooled_of[0]['pooled_sd']:.2f} ({pooled_of[0]['pooled_df']} degrees of freedom),"
+            " over sqrt(runs)"
         )
     deltas = {n: e["class_delta"] for n, e in summary.items() if "class_delta" in e}
     if deltas:

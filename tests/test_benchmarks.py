@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -225,6 +226,32 @@ def test_camvid_merge_reads_the_older_list_format_and_checks_the_protocol(tmp_pa
         camvid.load_runs(path, protocol, {"baseline": ["rch.enabled=true"]})
     with pytest.raises(ValueError, match="lr differ"):
         camvid.load_runs(path, {**protocol, "lr": 2}, {})
+
+
+def test_camvid_pools_the_spread_of_paired_differences_over_variants():
+    """A variant's own SE rests on 2 degrees of freedom; the pooled SD weighs each variant's
+    variance by its degrees of freedom, and gives a single-seed variant an SE too."""
+    camvid = _camvid_module()
+    sd, df = camvid.pooled_diff_sd([[1.0, 3.0], [0.0, 0.0, 3.0], [5.0]])
+    assert df == 3 and sd == pytest.approx(math.sqrt((2.0 * 1 + 3.0 * 2) / 3))
+    nan_sd, zero = camvid.pooled_diff_sd([[5.0]])
+    assert zero == 0 and math.isnan(nan_sd)
+    base = {s: {"mIoU": 0.5, "IoU": {}} for s in (0, 1, 2)}
+    runs = {
+        "baseline": base,
+        "a": {0: {"mIoU": 0.51, "IoU": {}}, 1: {"mIoU": 0.53, "IoU": {}}},
+        "b": {
+            0: {"mIoU": 0.50, "IoU": {}},
+            1: {"mIoU": 0.50, "IoU": {}},
+            2: {"mIoU": 0.53, "IoU": {}},
+        },
+        "c": {2: {"mIoU": 0.55, "IoU": {}}},
+    }
+    summary = camvid.summarize(runs)
+    assert "diff_se_pooled" not in summary["baseline"]
+    assert summary["c"]["diff_se_pooled"] == pytest.approx(sd)  # one seed: the pooled SD
+    assert summary["b"]["diff_se_pooled"] == pytest.approx(sd / math.sqrt(3))
+    assert "pooled SE" in camvid.format_summary(summary)
 
 
 @pytest.mark.parametrize(
