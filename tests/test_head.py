@@ -91,6 +91,26 @@ def test_learned_prototypes_are_a_trained_parameter():
     assert "prototypes" in dict(head.named_parameters())
 
 
+def test_learned_prototypes_report_the_optimizers_step_as_drift():
+    """The loss never moves learned prototypes; the optimizer does, between forwards. Their
+    drift is that change since the previous training step, not a constant zero."""
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, prototypes="learned")
+    head.record_stats = True
+    opt = torch.optim.SGD([head.prototypes], lr=0.5)
+    out = head(*_inputs(0))
+    assert out.stats is not None and torch.equal(out.stats.drift, torch.zeros(4))  # first step
+    before = head.prototypes.detach().clone()
+    out.loss.backward()
+    opt.step()
+    moved = torch.linalg.vector_norm(head.prototypes.detach() - before, dim=1)
+    assert moved.sum() > 0
+    out = head(*_inputs(1))
+    assert out.stats is not None
+    torch.testing.assert_close(out.stats.drift, moved)
+    assert "_previous_prototypes" not in head.state_dict()
+
+
 def test_first_init_copies_first_mean_and_blocks_eval_before_training():
     torch.manual_seed(0)
     head = RCHHead(6, 4, embed_dim=5, prototype_init="first", momentum=0.9)

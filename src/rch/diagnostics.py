@@ -56,7 +56,9 @@ class CalibrationStats:
         psi: mean FP-penalty term over the class's anchors.
         cos_own: mean cosine of the class's pixels to their own prototype.
         cos_other: mean, over the class's pixels, of the highest cosine to another prototype.
-        drift: L2 norm of this step's change of the class's prototype.
+        drift: L2 norm of this step's change of the class's prototype (for learned
+            prototypes, which the optimizer moves, :class:`~rch.RCHHead` reports the change
+            since its previous training step).
     """
 
     tp: Tensor

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -96,6 +96,7 @@ class RCHHead(nn.Module):
     prototypes: Tensor
     step: Tensor
     initialized: Tensor
+    _previous_prototypes: Tensor | None
 
     def __init__(
         self,
@@ -166,6 +167,9 @@ class RCHHead(nn.Module):
         else:
             self.register_buffer("prototypes", init)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # learned prototypes at the previous training step: the optimizer moves them between
+        # forwards, so that is what their ``stats.drift`` measures (not saved in checkpoints)
+        self.register_buffer("_previous_prototypes", None, persistent=False)
         self.register_buffer(
             "initialized", torch.full((num_classes,), prototype_init == "randn", dtype=torch.bool)
         )
@@ -258,6 +262,18 @@ class RCHHead(nn.Module):
                 embeddings, seg_logits, labels, before, out.prototypes,
                 formulation=self.formulation, ignore_index=self.ignore_index,
             )  # fmt: skip
+        if self.prototype_mode == "learned":
+            current = self.prototypes.detach()
+            if stats is not None:
+                previous = self._previous_prototypes
+                drift = (
+                    torch.linalg.vector_norm(current - previous, dim=1).to(stats.drift.dtype)
+                    if previous is not None
+                    else torch.zeros_like(stats.drift)
+                )
+                stats = replace(stats, drift=drift)
+            if self.training:
+                self._previous_prototypes = current.clone()
         return RCHHeadOutput(
             self.loss_weight * out.loss, out.loss_fn, out.loss_fp, True, out, stats
         )
