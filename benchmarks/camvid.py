@@ -223,6 +223,37 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def draw_figures(summary: dict[str, Any], results: Path) -> list[Path]:
+    """Two PNGs beside the results file: the paired differences per variant (a dot per seed,
+    the mean with +- 1.96 pooled SE, the paper's +1 as a dashed line) and the per-class IoU
+    deltas as a heat map. Nothing without a paired variant, or without matplotlib."""
+    paired = {name: e for name, e in summary.items() if e.get("paired_diff")}
+    if not paired:
+        return []
+    try:
+        from rch.viz import figures
+    except ImportError:
+        print("figures skipped: they need matplotlib (pip install 'rch[viz]')")
+        return []
+    stem = results.with_suffix("")
+    diffs_png = stem.with_name(stem.name + "_paired.png")
+    classes_png = stem.with_name(stem.name + "_classes.png")
+    figures.plot_paired_differences(
+        {name: e["paired_diff"] for name, e in paired.items()},
+        diffs_png,
+        se={name: e["diff_se_pooled"] for name, e in paired.items()},
+        reference=1.0,
+        reference_label="the paper's gain (Cityscapes)",
+    )
+    deltas = {name: e["class_delta"] for name, e in paired.items()}
+    classes = list(next(iter(deltas.values())))
+    ordered = [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
+    figures.plot_class_deltas(
+        {name: {c: d[c] for c in ordered} for name, d in deltas.items()}, classes_png, mark=RARE
+    )
+    return [diffs_png, classes_png]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path("../shared/data/camvid"))
@@ -351,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         skip=held,
     )
-    print(format_summary(write()))
+    summary = write()
+    print(format_summary(summary))
     print(f"written: {args.results}")
+    for png in draw_figures(summary, args.results):
+        print(f"written: {png}")
     return 0
 
 

@@ -118,6 +118,8 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     ]
     first = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert "paired diff" in first.stdout and "Pole *" in first.stdout
+    for png in ("camvid_paired.png", "camvid_classes.png"):  # the figures beside the results
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and png in first.stdout
     data = json.loads(results.read_text())
     paper = data["summary"]["paper"]
     assert len(paper["paired_diff"]) == 2 and paper["seeds"] == [0, 1]

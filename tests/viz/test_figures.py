@@ -60,6 +60,40 @@ def test_every_figure_has_its_panels(samples, runs, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
 
 
+def test_paired_differences_plot_the_means_with_their_intervals(tmp_path):
+    diffs = {"a": [1.0, -0.5, 0.2], "b": [-1.5]}
+    fig = figures.plot_paired_differences(
+        diffs, tmp_path / "p.png", se={"a": 0.4, "b": 0.8}, reference=1.0, reference_label="x"
+    )
+    (ax,) = fig.axes
+    bars = {round(float(c.lines[0].get_ydata()[0])): c for c in ax.containers}
+    assert set(bars) == {0, 1}  # "a" on top (y = 1), "b" below
+    assert bars[1].lines[0].get_xdata()[0] == pytest.approx(np.mean(diffs["a"]))
+    low, high = bars[0].lines[2][0].get_segments()[0][:, 0]  # the interval of "b"
+    assert (low, high) == pytest.approx((-1.5 - 1.96 * 0.8, -1.5 + 1.96 * 0.8))
+    from matplotlib.collections import PathCollection  # the scatter's dots
+
+    dots = np.concatenate(
+        [c.get_offsets()[:, 0] for c in ax.collections if isinstance(c, PathCollection)]
+    )
+    assert sorted(dots) == sorted([*diffs["a"], *diffs["b"]])
+    with pytest.raises(ValueError, match="no difference for b"):
+        figures.plot_paired_differences({"a": [1.0], "b": []}, tmp_path / "q.png")
+
+
+def test_class_deltas_heat_map_is_symmetric_about_zero(tmp_path):
+    deltas = {"a": {"Pole": 2.0, "Sky": -0.5}, "b": {"Pole": -3.0, "Sky": float("nan")}}
+    fig = figures.plot_class_deltas(deltas, tmp_path / "c.png", mark=["Pole"])
+    ax = fig.axes[0]
+    (image,) = ax.images
+    assert image.get_clim() == (-3.0, 3.0)
+    np.testing.assert_array_equal(image.get_array(), [[2.0, -0.5], [-3.0, np.nan]])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Pole *", "Sky"]
+    assert "+2.0" in [t.get_text() for t in ax.texts]
+    with pytest.raises(ValueError, match="b name other classes"):
+        figures.plot_class_deltas({"a": {"Pole": 1.0}, "b": {"Sky": 1.0}}, tmp_path / "d.png")
+
+
 def test_import_rch_viz_is_optional_for_rch():
     code = "import sys, rch, rch.train; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
