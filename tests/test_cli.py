@@ -95,6 +95,8 @@ def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
     for row in ("baseline", "tp", "full"):
         assert any(line.startswith(row) for line in table.splitlines())
     summary = json.loads((tmp_path / "runs" / "cli-ablation.json").read_text())
+    figure = tmp_path / "runs" / "cli-ablation.png"  # paired differences to the baseline
+    assert f"figure: {figure}" in table and figure.read_bytes()[:4] == b"\x89PNG"
     assert set(summary["mIoU"]) == {"baseline", "tp", "full"}
     assert all(len(v) == 2 for v in summary["mIoU"].values())
     cfg = load_checkpoint(tmp_path / "runs" / "cli-tp-s1" / "checkpoints" / "last.pt")["config"]

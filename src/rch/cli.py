@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,6 +170,23 @@ def _ablate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
     )
     print(format_ablation(results))
+    base = results.get("baseline")
+    if base is not None and len(results) > 1:
+        diffs = {  # paired by seed, in mIoU points
+            name: [100 * (v - b) for v, b in zip(values, base, strict=True)]
+            for name, values in results.items()
+            if name != "baseline"
+        }
+        se = {n: statistics.stdev(d) / math.sqrt(len(d)) for n, d in diffs.items() if len(d) > 1}
+        png = Path(cfg.train.out_dir) / f"{cfg.name}-ablation.png"
+        try:
+            from .viz import figures
+
+            figures.plot_paired_differences(diffs, png, se=se)
+        except ImportError:
+            print("figure skipped: it needs matplotlib (pip install 'rch[viz]')")
+        else:
+            print(f"figure: {png}")
     return 0
 
 
