@@ -185,6 +185,11 @@ def load_runs(
     return runs, {name: list(o) for name, o in meta.get("variants", {}).items()}
 
 
+def rare_first(classes: list[str]) -> list[str]:
+    """The rare classes (in ``RARE``'s order) first, then the others in their own order."""
+    return [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     w = max([14, *map(len, summary)])
     lines = [
@@ -212,8 +217,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     deltas = {n: e["class_delta"] for n, e in summary.items() if "class_delta" in e}
     if deltas:
-        classes = list(next(iter(deltas.values())))
-        ordered = [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
+        ordered = rare_first(list(next(iter(deltas.values()))))
         cw = max([9, *map(len, deltas)])
         lines.append("")
         lines.append(f"{'class (IoU delta)':<18}" + "".join(f" {n:>{cw}}" for n in deltas))
@@ -230,27 +234,27 @@ def draw_figures(summary: dict[str, Any], results: Path) -> list[Path]:
     paired = {name: e for name, e in summary.items() if e.get("paired_diff")}
     if not paired:
         return []
-    try:
-        from rch.viz import figures
-    except ImportError:
-        print("figures skipped: they need matplotlib (pip install 'rch[viz]')")
-        return []
     stem = results.with_suffix("")
     diffs_png = stem.with_name(stem.name + "_paired.png")
     classes_png = stem.with_name(stem.name + "_classes.png")
-    figures.plot_paired_differences(
-        {name: e["paired_diff"] for name, e in paired.items()},
-        diffs_png,
-        se={name: e["diff_se_pooled"] for name, e in paired.items()},
-        reference=1.0,
-        reference_label="the paper's gain (Cityscapes)",
-    )
     deltas = {name: e["class_delta"] for name, e in paired.items()}
-    classes = list(next(iter(deltas.values())))
-    ordered = [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
-    figures.plot_class_deltas(
-        {name: {c: d[c] for c in ordered} for name, d in deltas.items()}, classes_png, mark=RARE
-    )
+    ordered = rare_first(list(next(iter(deltas.values()))))
+    try:  # matplotlib is imported by the first plot, not by ``rch.viz``
+        from rch.viz import figures
+
+        figures.plot_paired_differences(
+            {name: e["paired_diff"] for name, e in paired.items()},
+            diffs_png,
+            se={name: e["diff_se_pooled"] for name, e in paired.items()},
+            reference=1.0,
+            reference_label="the paper's gain (Cityscapes)",
+        )
+        figures.plot_class_deltas(
+            {name: {c: d[c] for c in ordered} for name, d in deltas.items()}, classes_png, mark=RARE
+        )
+    except ImportError:
+        print("figures skipped: they need matplotlib (pip install 'rch[viz]')")
+        return []
     return [diffs_png, classes_png]
 
 

@@ -256,6 +256,26 @@ def test_camvid_pools_the_spread_of_paired_differences_over_variants():
     assert "pooled SE" in camvid.format_summary(summary)
 
 
+def test_camvid_figures_are_skipped_without_matplotlib(tmp_path: Path, monkeypatch, capsys):
+    """``rch.viz`` imports without matplotlib; the first plot is what needs it."""
+    from rch.viz import figures
+
+    def missing() -> None:
+        raise ImportError("no matplotlib")
+
+    camvid = _camvid_module()
+    base = {s: {"mIoU": 0.5, "IoU": {"Pole": 0.1, "Sky": 0.9}} for s in (0, 1)}
+    other = {s: {"mIoU": 0.51, "IoU": {"Pole": 0.2, "Sky": 0.9}} for s in (0, 1)}
+    summary = camvid.summarize({"baseline": base, "paper": other})
+    monkeypatch.setattr(figures, "_plt", missing)
+    assert camvid.draw_figures(summary, tmp_path / "camvid.json") == []
+    assert "figures skipped" in capsys.readouterr().out and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    written = camvid.draw_figures(summary, tmp_path / "camvid.json")
+    assert [p.name for p in written] == ["camvid_paired.png", "camvid_classes.png"]
+    assert camvid.rare_first(["Sky", "Bicyclist", "Pole"]) == ["Pole", "Bicyclist", "Sky"]
+
+
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [(["gt"], ["gt"]), (["tp+fn", "learned"], ["tp+fn", "learned"]), ([], None)],
