@@ -321,3 +321,33 @@ def test_camvid_grid_trains_the_named_points(tmp_path: Path, points, expected):
         assert overrides == [f"{key[what]}={value}"]
     with pytest.raises(SystemExit):  # the default is the paper variant, not a grid point
         camvid.main([*argv, "--grid", "tau=0.5", "--collect"])
+
+
+def test_prototype_forces_reads_trained_runs(tmp_path: Path):
+    from rch.train import train
+
+    from .train.helpers import tiny_config
+
+    small = {"base_size": [16, 24], "crop_size": [16, 24]}
+    rch_run = train(
+        tiny_config(tmp_path, name="learned", rch={"prototypes": "learned"}, data=small),
+        progress=False,
+    ).run_dir
+    base_run = train(
+        tiny_config(tmp_path, name="base", rch={"enabled": False}, data=small), progress=False
+    ).run_dir
+    out = tmp_path / "forces.json"
+    script = str(ROOT / "benchmarks" / "prototype_forces.py")
+    cmd = [sys.executable, script, str(rch_run), "--limit", "2", "--out", str(out)]
+    done = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "push/pull" in done.stdout and "prototypes learned" in done.stdout
+    r = json.loads(out.read_text())["runs"]["learned"]
+    assert r["images"] == 2 and len(r["pull"]) == len(r["classes"]) == len(r["pixels"])
+    # images are resized to fit base_size as in evaluation: 16x24 at stride 8 is 2x3 pixels
+    assert 0 < sum(r["pixels"]) <= 2 * 2 * 3
+    # every pixel's softmax sums to one, so the pull and push weights balance in total
+    assert math.isclose(sum(r["pull"]), sum(r["push"]), rel_tol=1e-5)  # float32 sums
+    assert all(0 <= p <= n for p, n in zip(r["pull"], r["pixels"], strict=True))
+    refused = subprocess.run([*cmd[:2], str(base_run)], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "without RCH" in refused.stderr

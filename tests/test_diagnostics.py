@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rch.diagnostics import calibration_maps, calibration_stats, summarize
+from rch.diagnostics import calibration_maps, calibration_stats, prototype_forces, summarize
 from rch.train import train
 from rch.train.logger import read_metrics
 
@@ -96,3 +96,92 @@ def test_training_logs_per_class_stats_and_a_summary(tmp_path):
     )
     tb = list((result.run_dir / "tensorboard").glob("events.*"))
     assert tb and tb[0].stat().st_size > 0
+
+
+def naive_forces(emb, labels, protos, tau, ignore=255):
+    """Per-pixel loops: the pull and push weights and the autograd gradient of each pixel's
+    cross-entropy split by whether the pixel belongs to the prototype's class."""
+    b, d, h, w = emb.shape
+    k = protos.shape[0]
+    pull, push = [0.0] * k, [0.0] * k
+    pull_grad, push_grad = torch.zeros(k, d, dtype=emb.dtype), torch.zeros(k, d, dtype=emb.dtype)
+    own_sum = torch.zeros(k, d, dtype=emb.dtype)
+    for bi in range(b):
+        for i in range(h):
+            for j in range(w):
+                y = int(labels[bi, i, j])
+                if y == ignore:
+                    continue
+                e = emb[bi, :, i, j].detach()
+                p = protos.detach().clone().requires_grad_(True)
+                z = torch.stack([F.cosine_similarity(e, p[c], dim=0, eps=1e-12) for c in range(k)])
+                s = (z / tau).softmax(0).detach()
+                (g,) = torch.autograd.grad(F.cross_entropy((z / tau)[None], torch.tensor([y])), p)
+                own_sum[y] += e / e.norm()
+                for c in range(k):
+                    if c == y:
+                        pull[c] += 1 - float(s[c])
+                        pull_grad[c] += g[c]
+                    else:
+                        push[c] += float(s[c])
+                        push_grad[c] += g[c]
+    return pull, push, pull_grad, push_grad, own_sum
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.1])
+def test_prototype_forces_match_per_pixel_loops_and_autograd(tau):
+    c = make_case(3, batch=2, dim=4, classes=3, size=(3, 4))
+    f = prototype_forces(c.embeddings, c.labels, c.prototypes, tau=tau)
+    pull, push, pull_grad, push_grad, own_sum = naive_forces(
+        c.embeddings, c.labels, c.prototypes, tau
+    )
+    torch.testing.assert_close(f.pull, torch.tensor(pull, dtype=torch.float64))
+    torch.testing.assert_close(f.push, torch.tensor(push, dtype=torch.float64))
+    torch.testing.assert_close(f.pull_grad, pull_grad)
+    torch.testing.assert_close(f.push_grad, push_grad)
+    torch.testing.assert_close(f.own_sum, own_sum)
+    assert f.count.tolist() == [int((c.labels == k).sum()) for k in range(3)]
+    # each pixel's softmax sums to one: what its own prototype lacks, the others hold
+    torch.testing.assert_close(f.pull.sum(), f.push.sum())
+    # the two parts add up to the gradient of the summed cross-entropy
+    p = c.prototypes.clone().requires_grad_(True)
+    units = F.normalize(c.embeddings.detach().permute(0, 2, 3, 1).reshape(-1, 4), dim=1)
+    y = c.labels.reshape(-1)
+    logits = units[y != 255] @ F.normalize(p, dim=1).T / tau
+    F.cross_entropy(logits, y[y != 255], reduction="sum").backward()
+    torch.testing.assert_close(f.pull_grad + f.push_grad, p.grad)
+
+
+def test_prototype_forces_add_over_batches_and_align():
+    c = make_case(5, batch=2, dim=3, classes=3, size=(4, 4))
+    whole = prototype_forces(c.embeddings, c.labels, c.prototypes)
+    parts = prototype_forces(c.embeddings[:1], c.labels[:1], c.prototypes) + prototype_forces(
+        c.embeddings[1:], c.labels[1:], c.prototypes
+    )
+    for name in ("pull", "push", "pull_grad", "push_grad", "own_sum"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name))
+    assert torch.equal(parts.count, whole.count)
+    # a prototype that is its class's mean direction has cosine 1 to it, and the
+    # all-pixel direction is the sum of every class's unit embeddings
+    means = F.normalize(whole.own_sum, dim=1)
+    own, everything = whole.alignment(means * 3.0)
+    torch.testing.assert_close(own, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(everything, means @ F.normalize(whole.own_sum.sum(0), dim=0))
+    # a class with no pixel has no own direction
+    absent = make_case(5, batch=1, dim=3, classes=3, size=(3, 3), absent=(1,))
+    own, _ = prototype_forces(absent.embeddings, absent.labels, absent.prototypes).alignment(
+        absent.prototypes
+    )
+    assert math.isnan(own[1]) and not math.isnan(own[0])
+
+
+def test_prototype_forces_reject_bad_input():
+    c = make_case(0, batch=1, dim=3, classes=3, size=(2, 2))
+    with pytest.raises(ValueError, match=r"outside \[0, 3\).*: 7"):
+        prototype_forces(c.embeddings, torch.full_like(c.labels, 7), c.prototypes)
+    with pytest.raises(ValueError, match="share B"):
+        prototype_forces(c.embeddings, c.labels, c.prototypes[:, :2])
+    with pytest.raises(ValueError, match="tau must be"):
+        prototype_forces(c.embeddings, c.labels, c.prototypes, tau=0.0)
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        prototype_forces(c.embeddings, c.labels.double(), c.prototypes)

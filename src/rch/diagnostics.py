@@ -6,7 +6,9 @@ FN-compensation ``phi`` and FP-penalty ``psi`` over each class's anchors, the me
 class's pixels to their own prototype and to the nearest other prototype, and how far each
 prototype moved. :func:`calibration_maps` gives ``phi``, ``psi`` and the error mask per pixel
 (the paper's Fig. 5). Both reuse the loss's own pieces (:mod:`rch.stats`, :mod:`rch.loss`),
-so the numbers are those the loss used.
+so the numbers are those the loss used. :func:`prototype_forces` splits the gradient that the
+prototype cross-entropy sends to each prototype into the pull of the class's own pixels and
+the push of every other pixel.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validation import check_labels, check_positive, check_tensor
 from .loss import Formulation, calibration_terms, unit
 from .stats import (
     PixelSets,
@@ -34,9 +37,11 @@ from .stats import (
 __all__ = [
     "STAT_NAMES",
     "CalibrationStats",
+    "PrototypeForces",
     "calibration_maps",
     "calibration_stats",
     "format_stats",
+    "prototype_forces",
     "summarize",
 ]
 
@@ -192,6 +197,112 @@ def calibration_maps(
     sets, rows, units = _prepare(embeddings, seg_logits, labels, num_classes, ignore_index)
     phi, psi = _terms(rows, units, sets, b, num_classes, formulation)
     return phi.view(b, h, w), psi.view(b, h, w), sets.wrong.view(b, h, w)
+
+
+@dataclass(frozen=True)
+class PrototypeForces:
+    """How the plain prototype cross-entropy (cosine logits over ``tau``, no margins) pulls
+    and pushes each prototype, summed over pixels; fields are ``(K,)`` or ``(K, D)``.
+
+    The gradient of the summed cross-entropy with respect to prototype ``k`` is
+    ``pull_grad[k] + push_grad[k]``: its own pixels pull it with weight ``1 - s_k`` each
+    (``s`` the softmax over the cosine logits), every other labelled pixel pushes it with
+    weight ``s_k``. Add two with ``+`` to sum over batches.
+
+    Attributes:
+        pull: ``sum over the class's pixels of (1 - s_k)``.
+        push: ``sum over the other labelled pixels of s_k``.
+        pull_grad, push_grad: the two parts of the gradient (a descent step moves the
+            prototype along ``-(pull_grad + push_grad)``).
+        own_sum: sum of the unit embeddings of the class's pixels.
+        count: the class's pixels at the embedding resolution (int64).
+    """
+
+    pull: Tensor
+    push: Tensor
+    pull_grad: Tensor
+    push_grad: Tensor
+    own_sum: Tensor
+    count: Tensor
+
+    def __add__(self, other: PrototypeForces) -> PrototypeForces:
+        return PrototypeForces(
+            *(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__)
+        )
+
+    def alignment(self, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+        """Cosine of each prototype to the mean direction of its class's pixels, and to the
+        mean direction of all labelled pixels: ``((K,), (K,))``; NaN for a class with no
+        pixel."""
+        p = unit(_work(prototypes).to(self.own_sum.dtype))
+        own = (p * unit(self.own_sum)).sum(1)
+        own = torch.where(self.count > 0, own, float("nan"))
+        return own, p @ unit(self.own_sum.sum(0))
+
+
+@torch.no_grad()
+def prototype_forces(
+    embeddings: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    *,
+    tau: float = 0.5,
+    ignore_index: int = 255,
+) -> PrototypeForces:
+    """Split the prototype cross-entropy's gradient on each prototype into pull and push.
+
+    Args:
+        embeddings: ``(B, D, h, w)``.
+        labels: ``(B, H, W)``; resized to ``(h, w)`` by nearest neighbour, as in the loss.
+        prototypes: ``(K, D)``.
+        tau: the loss's temperature.
+        ignore_index: label of ignored pixels.
+
+    Example:
+        >>> import torch
+        >>> emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)
+        >>> f = prototype_forces(emb, torch.tensor([[[0, 1]]]), torch.eye(2), tau=1.0)
+        >>> [round(v, 4) for v in f.pull.tolist()], [round(v, 4) for v in f.push.tolist()]
+        ([0.2689, 0.2689], [0.2689, 0.2689])
+    """
+    check_tensor("embeddings", embeddings, ndim=4, layout="(B, D, h, w)", floating=True)
+    check_tensor("labels", labels, ndim=3, layout="(B, H, W)", floating=False)
+    check_tensor("prototypes", prototypes, ndim=2, layout="(K, D)", floating=True)
+    if prototypes.shape[1] != embeddings.shape[1] or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"embeddings {tuple(embeddings.shape)}, labels {tuple(labels.shape)} and prototypes "
+            f"{tuple(prototypes.shape)} must share B (embeddings, labels) and D (embeddings, "
+            "prototypes)."
+        )
+    check_positive("tau", tau)
+    k = prototypes.shape[0]
+    check_labels("labels", labels, k, ignore_index)
+    _, _, h, w = embeddings.shape
+    small = resize_labels(labels, (h, w)).reshape(-1)
+    units = unit(flatten_pixels(_work(embeddings)))
+    keep = small != ignore_index
+    units, small = units[keep], small[keep]
+    p = _work(prototypes).to(units.dtype)
+    norm = torch.linalg.vector_norm(p, dim=1, keepdim=True)
+    p_unit = unit(p)
+    cos = units @ p_unit.T  # (N, K)
+    s = (cos / tau).softmax(1)
+    own = torch.nn.functional.one_hot(small, k).to(units.dtype)
+    pull_w = (s - 1) * own  # d(CE)/d(logit) on the own class: s_k - 1
+    push_w = s * (1 - own)
+
+    def grad(weights: Tensor) -> Tensor:  # sum_i w_ik d cos(e_i, p_k) / d p_k, over tau
+        out: Tensor = (weights.T @ units - (weights * cos).sum(0)[:, None] * p_unit) / (tau * norm)
+        return out
+
+    return PrototypeForces(
+        ((1 - s) * own).sum(0),
+        push_w.sum(0),
+        grad(pull_w),
+        grad(push_w),
+        own.T @ units,
+        own.sum(0).to(torch.int64),
+    )
 
 
 def format_stats(summary: dict[str, Any]) -> str:
