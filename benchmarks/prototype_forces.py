@@ -7,7 +7,11 @@ pull of the class's own pixels on its prototype (``1 - s_k`` each, ``s`` the sof
 cosine logits over tau), the push of every other labelled pixel (``s_k`` each), and the
 cosine of the prototype to the mean direction of its own pixels and of all pixels. A
 prototype cross-entropy whose push outweighs its pull can move a prototype away from
-everything, its own pixels too: that is what this measures.
+everything, its own pixels too: that is what this measures. ``step own`` is where a
+gradient-descent step on the summed cross-entropy would move the prototype, along its own
+pixels' mean direction (times the prototype's norm, so runs compare): positive is towards
+them. Learned prototypes take such steps; EMA prototypes do not, but the column says where
+the loss would move them.
 
 Run: ``python benchmarks/prototype_forces.py runs/bench-camvid-3k/camvid-learned-s0
 runs/bench-camvid-3k/camvid-tp-s0 [--split train] [--limit N] [--out forces.json]``
@@ -67,8 +71,12 @@ def run_forces(path: Path, split: str, limit: int | None, progress: bool) -> dic
     if total is None:
         raise RCHError(f"split {split!r} of {path} has no image")
     own, everything = total.alignment(head.prototypes)
-    pull_step, push_step = -total.pull_grad, -total.push_grad  # a descent step's two parts
+    # a descent step's two parts, along the class's own mean direction; times the prototype's
+    # norm (the gradient of a cosine scales with 1 / norm), so runs can be compared
+    norm = torch.linalg.vector_norm(head.prototypes.detach().to(total.pull_grad.dtype), dim=1)
     towards = F.normalize(total.own_sum, dim=1)
+    pull_step = -(total.pull_grad * towards).sum(1) * norm
+    push_step = -(total.push_grad * towards).sum(1) * norm
     return {
         "config": {
             "prototypes": cfg.rch.prototypes,
@@ -83,9 +91,8 @@ def run_forces(path: Path, split: str, limit: int | None, progress: bool) -> dic
         "push": total.push.tolist(),
         "cos_own_mean": own.tolist(),
         "cos_all_mean": everything.tolist(),
-        # each part of a descent step, along the class's own mean direction
-        "pull_towards_own": (pull_step * towards).sum(1).tolist(),
-        "push_towards_own": (push_step * towards).sum(1).tolist(),
+        "pull_step_own": pull_step.tolist(),
+        "push_step_own": push_step.tolist(),
     }
 
 
@@ -95,7 +102,7 @@ def format_forces(name: str, r: dict[str, Any]) -> str:
         f"{name}: prototypes {c['prototypes']} ({c['source']}), tau {c['tau']}, "
         f"{r['images']} images",
         f"{'class':<12}{'pixels':>9}{'pull':>9}{'push':>9}{'push/pull':>10}"
-        f"{'cos own':>9}{'cos all':>9}",
+        f"{'cos own':>9}{'cos all':>9}{'step own':>10}",
     ]
     for k, cls in enumerate(r["classes"]):
         pull, push = r["pull"][k], r["push"][k]
@@ -103,6 +110,7 @@ def format_forces(name: str, r: dict[str, Any]) -> str:
         lines.append(
             f"{cls:<12}{r['pixels'][k]:9d}{pull:9.0f}{push:9.0f}{ratio:10.1f}"
             f"{r['cos_own_mean'][k]:9.2f}{r['cos_all_mean'][k]:9.2f}"
+            f"{r['pull_step_own'][k] + r['push_step_own'][k]:+10.0f}"
         )
     return "\n".join(lines)
 

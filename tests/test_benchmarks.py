@@ -349,5 +349,8 @@ def test_prototype_forces_reads_trained_runs(tmp_path: Path):
     # every pixel's softmax sums to one, so the pull and push weights balance in total
     assert math.isclose(sum(r["pull"]), sum(r["push"]), rel_tol=1e-5)  # float32 sums
     assert all(0 <= p <= n for p, n in zip(r["pull"], r["pixels"], strict=True))
+    assert "step own" in done.stdout and len(r["pull_step_own"]) == len(r["classes"])
+    present = [k for k, n in enumerate(r["pixels"]) if n > 0]
+    assert all(math.isfinite(r["pull_step_own"][k] + r["push_step_own"][k]) for k in present)
     refused = subprocess.run([*cmd[:2], str(base_run)], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "without RCH" in refused.stderr
