@@ -128,6 +128,23 @@ def summarize(results: Runs) -> dict[str, Any]:
                 )
                 for c in classes
             }
+            if all("confusion" in runs[s] and "confusion" in base[s] for s in paired):
+                for i, key in enumerate(("recall", "precision")):
+                    per_seed = [
+                        [
+                            100 * (a - b)
+                            for a, b in zip(
+                                recall_precision(runs[s]["confusion"])[i],
+                                recall_precision(base[s]["confusion"])[i],
+                                strict=True,
+                            )
+                        ]
+                        for s in paired
+                    ]
+                    delta = [statistics.fmean(d) for d in zip(*per_seed, strict=True)]
+                    entry[f"{key}_delta"] = dict(zip(classes, delta, strict=True))
+                    kept = [d for d in delta if not math.isnan(d)]
+                    entry[f"mean_{key}_delta"] = statistics.fmean(kept) if kept else math.nan
         out[name] = entry
     sd, df = pooled_diff_sd([e["paired_diff"] for e in out.values() if "paired_diff" in e])
     for entry in out.values():
@@ -135,6 +152,24 @@ def summarize(results: Runs) -> dict[str, Any]:
             entry["diff_se_pooled"] = sd / math.sqrt(len(entry["paired_diff"]))
             entry["pooled_sd"], entry["pooled_df"] = sd, df
     return out
+
+
+def recall_precision(confusion: list[list[int]]) -> tuple[list[float], list[float]]:
+    """Per-class recall (1 - the FN rate: TP over labelled pixels) and precision (1 - the FP
+    share: TP over predicted pixels) of a ``(K, K)`` confusion matrix, rows the labels; NaN
+    for a class that is never labelled (recall) or never predicted (precision).
+
+    Example:
+        >>> recall_precision([[3, 1], [0, 4]])
+        ([0.75, 1.0], [1.0, 0.8])
+    """
+    k = len(confusion)
+    tp = [confusion[i][i] for i in range(k)]
+    labelled = [sum(row) for row in confusion]
+    predicted = [sum(confusion[i][j] for i in range(k)) for j in range(k)]
+    recall = [t / n if n else math.nan for t, n in zip(tp, labelled, strict=True)]
+    precision = [t / n if n else math.nan for t, n in zip(tp, predicted, strict=True)]
+    return recall, precision
 
 
 def pooled_diff_sd(diffs: list[list[float]]) -> tuple[float, int]:
@@ -224,6 +259,25 @@ def format_summary(summary: dict[str, Any]) -> str:
         for c in ordered:
             mark = " *" if c in RARE else ""
             lines.append(f"{c + mark:<18}" + "".join(f" {d[c]:+{cw}.2f}" for d in deltas.values()))
+    rates = {n: e for n, e in summary.items() if "recall_delta" in e}
+    if rates:
+        rare = [c for c in RARE if c in next(iter(rates.values()))["recall_delta"]]
+        lines.append("")
+        lines.append(
+            "recall / precision delta (points, paired): recall = 1 - FN rate, precision ="
+            " 1 - FP share; mean over classes, then the rare ones"
+        )
+        lines.append(f"{'variant':<{w}} {'recall':>7} {'precision':>9}" + "".join(
+            f" {c:>13}" for c in rare
+        ))  # fmt: skip
+        for name, e in rates.items():
+            cells = "".join(
+                f" {e['recall_delta'][c]:+6.1f}/{e['precision_delta'][c]:+6.1f}" for c in rare
+            )
+            lines.append(
+                f"{name:<{w}} {e['mean_recall_delta']:+7.2f} {e['mean_precision_delta']:+9.2f}"
+                + cells
+            )
     return "\n".join(lines)
 
 

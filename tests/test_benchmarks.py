@@ -124,6 +124,7 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     paper = data["summary"]["paper"]
     assert len(paper["paired_diff"]) == 2 and paper["seeds"] == [0, 1]
     assert set(paper["class_delta"]) >= {"Pole", "Bicyclist"}
+    assert set(paper["recall_delta"]) == set(paper["precision_delta"]) == set(paper["class_delta"])
     stamp = (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns == stamp
@@ -254,6 +255,28 @@ def test_camvid_pools_the_spread_of_paired_differences_over_variants():
     assert summary["c"]["diff_se_pooled"] == pytest.approx(sd)  # one seed: the pooled SD
     assert summary["b"]["diff_se_pooled"] == pytest.approx(sd / math.sqrt(3))
     assert "pooled SE" in camvid.format_summary(summary)
+
+
+def test_camvid_recall_and_precision_deltas_are_paired_by_seed():
+    """Recall is TP over a class's labelled pixels (rows), precision TP over its predicted
+    pixels (columns); a class never predicted has no precision, and the class mean skips it."""
+    camvid = _camvid_module()
+    recall, precision = camvid.recall_precision([[3, 1, 0], [0, 4, 0], [2, 0, 0]])
+    assert recall == [0.75, 1.0, 0.0]
+    assert precision[:2] == [0.6, 0.8] and math.isnan(precision[2])
+    base = {"mIoU": 0.5, "IoU": {"a": 0.5, "b": 0.5}, "confusion": [[3, 1], [1, 3]]}
+    better = {"mIoU": 0.6, "IoU": {"a": 0.6, "b": 0.6}, "confusion": [[4, 0], [1, 3]]}
+    summary = camvid.summarize({"baseline": {0: base, 1: base}, "x": {0: better, 1: base}})
+    x = summary["x"]
+    # seed 0: recall a 75 -> 100, precision a 75 -> 80, precision b 75 -> 100; seed 1: no change
+    assert x["recall_delta"] == pytest.approx({"a": 12.5, "b": 0.0})
+    assert x["precision_delta"] == pytest.approx({"a": 2.5, "b": 12.5})
+    assert x["mean_recall_delta"] == pytest.approx(6.25)
+    assert x["mean_precision_delta"] == pytest.approx(7.5)
+    assert "recall / precision delta" in camvid.format_summary(summary)
+    # results written before confusions were kept: no recall / precision, no error
+    old = {k: v for k, v in base.items() if k != "confusion"}
+    assert "recall_delta" not in camvid.summarize({"baseline": {0: old}, "x": {0: better}})["x"]
 
 
 def test_camvid_figures_are_skipped_without_matplotlib(tmp_path: Path, monkeypatch, capsys):
