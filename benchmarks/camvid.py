@@ -267,9 +267,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             "recall / precision delta (points, paired): recall = 1 - FN rate, precision ="
             " 1 - FP share; mean over classes, then the rare ones"
         )
-        lines.append(f"{'variant':<{w}} {'recall':>7} {'precision':>9}" + "".join(
-            f" {c:>13}" for c in rare
-        ))  # fmt: skip
+        header = "".join(f" {c:>13}" for c in rare)
+        lines.append(f"{'variant':<{w}} {'recall':>7} {'precision':>9}{header}")
         for name, e in rates.items():
             cells = "".join(
                 f" {e['recall_delta'][c]:+6.1f}/{e['precision_delta'][c]:+6.1f}" for c in rare
