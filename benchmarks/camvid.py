@@ -129,17 +129,14 @@ def summarize(results: Runs) -> dict[str, Any]:
                 for c in classes
             }
             if all("confusion" in runs[s] and "confusion" in base[s] for s in paired):
+                rates = [
+                    (recall_precision(runs[s]["confusion"]), recall_precision(base[s]["confusion"]))
+                    for s in paired
+                ]
                 for i, key in enumerate(("recall", "precision")):
                     per_seed = [
-                        [
-                            100 * (a - b)
-                            for a, b in zip(
-                                recall_precision(runs[s]["confusion"])[i],
-                                recall_precision(base[s]["confusion"])[i],
-                                strict=True,
-                            )
-                        ]
-                        for s in paired
+                        [100 * (a - b) for a, b in zip(mine[i], theirs[i], strict=True)]
+                        for mine, theirs in rates
                     ]
                     delta = [statistics.fmean(d) for d in zip(*per_seed, strict=True)]
                     entry[f"{key}_delta"] = dict(zip(classes, delta, strict=True))

@@ -288,17 +288,17 @@ def prototype_forces(
     cos = units @ p_unit.T  # (N, K)
     s = (cos / tau).softmax(1)
     own = torch.nn.functional.one_hot(small, k).to(units.dtype)
-    pull_w = (s - 1) * own  # d(CE)/d(logit) on the own class: s_k - 1
-    push_w = s * (1 - own)
+    pull_w = (1 - s) * own  # d(CE)/d(logit) is s_k - 1 on the own class: minus this
+    push_w = s * (1 - own)  # and s_k on the others
 
     def grad(weights: Tensor) -> Tensor:  # sum_i w_ik d cos(e_i, p_k) / d p_k, over tau
         out: Tensor = (weights.T @ units - (weights * cos).sum(0)[:, None] * p_unit) / (tau * norm)
         return out
 
     return PrototypeForces(
-        ((1 - s) * own).sum(0),
+        pull_w.sum(0),
         push_w.sum(0),
-        grad(pull_w),
+        -grad(pull_w),
         grad(push_w),
         own.T @ units,
         own.sum(0).to(torch.int64),
