@@ -28,8 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_meta
+from rch.eval.metrics import Scores, scores_from_confusion
 from rch.train import config_from_dict
 from rch.train.ablate import GRID, TABLE1, Variant, run_name, run_variants, variants
 from rch.train.logger import json_safe
@@ -130,12 +133,14 @@ def summarize(results: Runs) -> dict[str, Any]:
             }
             if all("confusion" in runs[s] and "confusion" in base[s] for s in paired):
                 rates = [
-                    (recall_precision(runs[s]["confusion"]), recall_precision(base[s]["confusion"]))
-                    for s in paired
+                    (_scores(runs[s]["confusion"]), _scores(base[s]["confusion"])) for s in paired
                 ]
-                for i, key in enumerate(("recall", "precision")):
+                for key, attr in (("recall", "acc"), ("precision", "precision")):
                     per_seed = [
-                        [100 * (a - b) for a, b in zip(mine[i], theirs[i], strict=True)]
+                        [
+                            100 * (a - b)
+                            for a, b in zip(getattr(mine, attr), getattr(theirs, attr), strict=True)
+                        ]
                         for mine, theirs in rates
                     ]
                     delta = [statistics.fmean(d) for d in zip(*per_seed, strict=True)]
@@ -151,22 +156,10 @@ def summarize(results: Runs) -> dict[str, Any]:
     return out
 
 
-def recall_precision(confusion: list[list[int]]) -> tuple[list[float], list[float]]:
-    """Per-class recall (1 - the FN rate: TP over labelled pixels) and precision (1 - the FP
-    share: TP over predicted pixels) of a ``(K, K)`` confusion matrix, rows the labels; NaN
-    for a class that is never labelled (recall) or never predicted (precision).
-
-    Example:
-        >>> recall_precision([[3, 1], [0, 4]])
-        ([0.75, 1.0], [1.0, 0.8])
-    """
-    k = len(confusion)
-    tp = [confusion[i][i] for i in range(k)]
-    labelled = [sum(row) for row in confusion]
-    predicted = [sum(confusion[i][j] for i in range(k)) for j in range(k)]
-    recall = [t / n if n else math.nan for t, n in zip(tp, labelled, strict=True)]
-    precision = [t / n if n else math.nan for t, n in zip(tp, predicted, strict=True)]
-    return recall, precision
+def _scores(confusion: list[list[int]]) -> Scores:
+    """A run's scores from its confusion matrix: recall is ``acc`` (1 - the FN rate),
+    precision 1 - the FP share."""
+    return scores_from_confusion(torch.tensor(confusion))
 
 
 def pooled_diff_sd(diffs: list[list[float]]) -> tuple[float, int]:

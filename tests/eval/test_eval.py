@@ -25,6 +25,14 @@ def test_scores_match_hand_computation():
     assert s.miou == pytest.approx((5 / 8 + 2 / 5) / 2)
     assert s.macc == pytest.approx((5 / 6 + 2 / 4) / 2)
     assert s.aacc == pytest.approx(7 / 10)
+    # precision: TP over the pixels predicted as the class (columns); class 2 is never predicted
+    assert s.precision[:2] == pytest.approx([5 / 7, 2 / 3]) and math.isnan(s.precision[2])
+    assert s.mprecision == pytest.approx((5 / 7 + 2 / 3) / 2)
+    assert s.to_dict(["a", "b", "c"])["Precision"]["b"] == pytest.approx(2 / 3)
+    table = format_scores(s, ["a", "b", "c"]).splitlines()
+    assert table[0].split() == ["class", "IoU", "Acc", "Prec"]
+    assert table[1].split() == ["a", "62.50", "83.33", "71.43"]
+    assert table[3].split() == ["c", "n/a", "n/a", "n/a"]
     # a class predicted but never in the truth counts as IoU 0
     assert scores_from_confusion(torch.tensor([[1, 1], [0, 0]])).iou == [0.5, 0.0]
     with pytest.raises(ValueError, match=r"\(K, K\)"):

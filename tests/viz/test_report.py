@@ -3,6 +3,8 @@ tables visible in a screenshot."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
@@ -10,9 +12,13 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rch.cli import main
+from rch.eval.metrics import scores_from_confusion
+from rch.train.logger import json_safe
+from rch.viz.report import load_scores
 
 
 def _chromium() -> str:
@@ -68,6 +74,7 @@ def test_report_renders_with_figures_and_tables(runs, tmp_path, capsys):
     ):
         assert f"<h2>{title}" in page, title
     assert "rch.enabled" in page and "cos_other" in page
+    assert "<th>precision delta</th>" in page and "<td>mPrecision</td>" in page
     url = (out / "index.html").as_uri()
     dom = _headless("--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -84,3 +91,24 @@ def test_report_renders_with_figures_and_tables(runs, tmp_path, capsys):
     coloured = (np.ptp(rest, axis=-1) > 60).sum()
     assert grid > 2000, grid
     assert coloured > 20000, coloured
+
+
+def test_load_scores_recomputes_from_the_confusion_and_reads_older_files(tmp_path):
+    """eval.json's confusion gives every score (precision too); a file without one is read
+    as written, with precision NaN where it was not written."""
+    conf = [[5, 1, 0], [2, 2, 0], [0, 0, 0]]
+    expected = scores_from_confusion(torch.tensor(conf))
+    written = json_safe(expected.to_dict(["a", "b", "c"]))  # NaN -> null, as runs write it
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "eval.json").write_text(json.dumps({**written, "confusion": conf}))
+    scores, classes = load_scores(new)
+    assert classes == ["a", "b", "c"] and repr(scores) == repr(expected)  # repr: NaN == NaN
+    old = tmp_path / "old"
+    old.mkdir()
+    legacy = {k: v for k, v in written.items() if k not in ("Precision", "mPrecision")}
+    (old / "eval-val.json").write_text(json.dumps(legacy))
+    scores, _ = load_scores(old)
+    assert scores.miou == expected.miou and scores.iou[:2] == expected.iou[:2]
+    assert math.isnan(scores.iou[2]) and math.isnan(scores.mprecision)
+    assert all(math.isnan(p) for p in scores.precision)

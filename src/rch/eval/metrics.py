@@ -14,9 +14,14 @@ __all__ = ["Scores", "format_comparison", "format_scores", "scores_from_confusio
 
 @dataclass(frozen=True)
 class Scores:
-    """IoU and accuracies of one evaluation; per-class values are NaN for classes that
-    appear neither in the ground truth nor in the predictions (IoU) or not in the ground
-    truth (accuracy), and the means skip NaN entries, as mmsegmentation does.
+    """IoU, accuracy and precision of one evaluation.
+
+    ``acc`` is mmsegmentation's per-class accuracy, TP over the class's labelled pixels:
+    its recall, 1 minus its false-negative rate. ``precision`` is TP over the pixels
+    predicted as the class, 1 minus its false-positive share. Per-class values are NaN
+    for a class that appears neither in the ground truth nor in the predictions (IoU), not
+    in the ground truth (accuracy) or never predicted (precision); the means skip NaN
+    entries, as mmsegmentation does.
 
     All values are fractions in ``[0, 1]``.
     """
@@ -26,6 +31,8 @@ class Scores:
     miou: float
     macc: float
     aacc: float
+    precision: list[float]
+    mprecision: float
 
     def to_dict(self, classes: Sequence[str] | None = None) -> dict[str, object]:
         names = list(classes) if classes is not None else [str(k) for k in range(len(self.iou))]
@@ -35,6 +42,8 @@ class Scores:
             "aAcc": self.aacc,
             "IoU": dict(zip(names, self.iou, strict=True)),
             "Acc": dict(zip(names, self.acc, strict=True)),
+            "mPrecision": self.mprecision,
+            "Precision": dict(zip(names, self.precision, strict=True)),
         }
 
 
@@ -44,7 +53,8 @@ def _nanmean(values: Tensor) -> float:
 
 
 def scores_from_confusion(confusion: Tensor) -> Scores:
-    """mIoU, per-class IoU, mAcc and aAcc from a ``(K, K)`` confusion matrix.
+    """mIoU, per-class IoU, mAcc, aAcc and per-class precision from a ``(K, K)`` confusion
+    matrix (rows = ground truth, columns = prediction).
 
     Example:
         >>> import torch
@@ -52,18 +62,30 @@ def scores_from_confusion(confusion: Tensor) -> Scores:
         >>> s = scores_from_confusion(conf)
         >>> [round(v, 3) for v in s.iou], round(s.miou, 3), round(s.aacc, 3)
         ([0.75, 0.8], 0.775, 0.875)
+        >>> s.acc, s.precision
+        ([0.75, 1.0], [1.0, 0.8])
     """
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"confusion must be (K, K), got {tuple(confusion.shape)}")
     conf = confusion.double()
     tp = conf.diagonal()
-    gt = conf.sum(1)
-    union = gt + conf.sum(0) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
-    acc = torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, math.nan))
+    gt, predicted = conf.sum(1), conf.sum(0)
+    union = gt + predicted - tp
+    nan = torch.full_like(tp, math.nan)
+    iou = torch.where(union > 0, tp / union.clamp_min(1), nan)
+    acc = torch.where(gt > 0, tp / gt.clamp_min(1), nan)
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), nan)
     total = float(conf.sum())
     aacc = float(tp.sum()) / total if total > 0 else math.nan
-    return Scores(iou.tolist(), acc.tolist(), _nanmean(iou), _nanmean(acc), aacc)
+    return Scores(
+        iou=iou.tolist(),
+        acc=acc.tolist(),
+        miou=_nanmean(iou),
+        macc=_nanmean(acc),
+        aacc=aacc,
+        precision=precision.tolist(),
+        mprecision=_nanmean(precision),
+    )
 
 
 def _pct(v: float) -> str:
@@ -71,12 +93,14 @@ def _pct(v: float) -> str:
 
 
 def format_scores(scores: Scores, classes: Sequence[str]) -> str:
-    """A per-class table (IoU and accuracy, %) with the means at the bottom."""
+    """A per-class table (IoU, accuracy and precision, %) with the means at the bottom."""
     width = max(12, *(len(c) for c in classes))
-    lines = [f"{'class':<{width}}   IoU    Acc"]
-    for name, iou, acc in zip(classes, scores.iou, scores.acc, strict=True):
-        lines.append(f"{name:<{width}} {_pct(iou)} {_pct(acc)}")
-    lines.append(f"{'mean':<{width}} {_pct(scores.miou)} {_pct(scores.macc)}")
+    lines = [f"{'class':<{width}}   IoU    Acc   Prec"]
+    for name, iou, acc, prec in zip(classes, scores.iou, scores.acc, scores.precision, strict=True):
+        lines.append(f"{name:<{width}} {_pct(iou)} {_pct(acc)} {_pct(prec)}")
+    lines.append(
+        f"{'mean':<{width}} {_pct(scores.miou)} {_pct(scores.macc)} {_pct(scores.mprecision)}"
+    )
     lines.append(f"{'aAcc':<{width}} {_pct(scores.aacc)}")
     return "\n".join(lines)
 
@@ -104,5 +128,6 @@ def format_comparison(
         lines.append(row(name, [s.iou[k] for _, s in named], base.iou[k]))
     lines.append(row("mIoU", [s.miou for _, s in named], base.miou))
     lines.append(row("mAcc", [s.macc for _, s in named], base.macc))
+    lines.append(row("mPrec", [s.mprecision for _, s in named], base.mprecision))
     lines.append(row("aAcc", [s.aacc for _, s in named], base.aacc))
     return "\n".join(lines)

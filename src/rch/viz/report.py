@@ -10,11 +10,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..diagnostics import STAT_NAMES
 from ..errors import RCHError
-from ..eval.metrics import Scores
+from ..eval.metrics import Scores, scores_from_confusion
 from ..train.config import flatten_dict
 from ..train.logger import read_metrics
 from . import figures
@@ -42,16 +43,22 @@ def load_scores(run: Path) -> tuple[Scores, list[str]]:
         if path.is_file():
             data = json.loads(path.read_text())
             classes = list(data["IoU"])
+            if "confusion" in data:
+                return scores_from_confusion(torch.tensor(data["confusion"])), classes
 
             def num(v: Any) -> float:
                 return math.nan if v is None else float(v)
 
+            # no confusion matrix: scores as written; precision only where it was
+            precision = data.get("Precision", {})
             scores = Scores(
-                [num(data["IoU"][c]) for c in classes],
-                [num(data["Acc"][c]) for c in classes],
-                num(data["mIoU"]),
-                num(data["mAcc"]),
-                num(data["aAcc"]),
+                iou=[num(data["IoU"][c]) for c in classes],
+                acc=[num(data["Acc"][c]) for c in classes],
+                miou=num(data["mIoU"]),
+                macc=num(data["mAcc"]),
+                aacc=num(data["aAcc"]),
+                precision=[num(precision.get(c)) for c in classes],
+                mprecision=num(data.get("mPrecision")),
             )
             return scores, classes
     raise RCHError(f"run {run} has no evaluation (eval.json); finish it or run `rch eval {run}`")
@@ -201,10 +208,22 @@ def write_report(
             _pct(getattr(sb, k)),
             _delta_cell(getattr(sb, k) - getattr(sa, k)),
         ]
-        for m, k in (("mIoU", "miou"), ("mAcc", "macc"), ("aAcc", "aacc"))
+        for m, k in (
+            ("mIoU", "miou"),
+            ("mAcc (recall)", "macc"),
+            ("mPrecision", "mprecision"),
+            ("aAcc", "aacc"),
+        )
     ]
     class_rows = [
-        [c, _pct(sa.iou[i]), _pct(sb.iou[i]), _delta_cell(sb.iou[i] - sa.iou[i])]
+        [
+            c,
+            _pct(sa.iou[i]),
+            _pct(sb.iou[i]),
+            _delta_cell(sb.iou[i] - sa.iou[i]),
+            _delta_cell(sb.acc[i] - sa.acc[i]),
+            _delta_cell(sb.precision[i] - sa.precision[i]),
+        ]
         for i, c in enumerate(classes)
     ]
     costs = [_json(r / "cost.json") or {} for r in (a, b)]
@@ -249,7 +268,10 @@ def write_report(
 written {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}. Scores are each run's final
 evaluation; the figures use the first {limit} images of the split.</p>
 <h2>Scores</h2>{_table(header, score_rows, raw=True)}
-<h2>Per-class IoU (%)</h2>{_table(["class", *names, "delta"], class_rows, raw=True)}
+<h2>Per-class IoU (%)</h2>
+<p class="note">Recall is 1 minus the false-negative rate, precision 1 minus the
+false-positive share; their deltas show which kind of error a change traded.</p>
+{_table(["class", *names, "delta", "recall delta", "precision delta"], class_rows, raw=True)}
 <h2>Training cost</h2>{_table(["", *names], cost_rows)}
 <p class="note">* CUDA: peak memory allocated by tensors. CPU: the process's peak resident set
 while the run trained; a run trained after another in the same process (as in rch demo) also
