@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,7 +156,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _ablate(args: argparse.Namespace) -> int:
     from .train import load_config
-    from .train.ablate import TABLE1, ablate, format_ablation
+    from .train.ablate import TABLE1, ablate, format_ablation, paired_differences, paired_se
 
     cfg = load_config(args.config, args.overrides)
     results = ablate(
@@ -172,12 +170,8 @@ def _ablate(args: argparse.Namespace) -> int:
     print(format_ablation(results))
     base = results.get("baseline")
     if base is not None and len(results) > 1:
-        diffs = {  # paired by seed, in mIoU points
-            name: [100 * (v - b) for v, b in zip(values, base, strict=True)]
-            for name, values in results.items()
-            if name != "baseline"
-        }
-        se = {n: statistics.stdev(d) / math.sqrt(len(d)) for n, d in diffs.items() if len(d) > 1}
+        diffs = paired_differences(results)  # by seed, in mIoU points
+        se = {n: paired_se(d) for n, d in diffs.items() if len(d) > 1}
         png = Path(cfg.train.out_dir) / f"{cfg.name}-ablation.png"
         try:
             from .viz import figures

@@ -23,6 +23,8 @@ __all__ = [
     "Variant",
     "ablate",
     "format_ablation",
+    "paired_differences",
+    "paired_se",
     "run_name",
     "run_variants",
     "variants",
@@ -231,17 +233,61 @@ def ablate(
     return results
 
 
+def paired_differences(
+    results: dict[str, list[float]], baseline: str = "baseline"
+) -> dict[str, list[float]]:
+    """Each variant's mIoU minus the baseline's, seed by seed, in mIoU points.
+
+    Args:
+        results: variant name -> mIoU (fraction) per seed, every list in the same seed order
+            (as :func:`ablate` returns them).
+        baseline: the name of the reference variant.
+
+    Example:
+        >>> paired_differences({"baseline": [0.5, 0.625], "tp": [0.5, 0.75]})
+        {'tp': [0.0, 12.5]}
+    """
+    if baseline not in results:
+        raise KeyError(f"no {baseline!r} among the variants: {', '.join(results)}")
+    ref = results[baseline]
+    out: dict[str, list[float]] = {}
+    for name, values in results.items():
+        if name == baseline:
+            continue
+        if len(values) != len(ref):
+            raise ValueError(
+                f"{name!r} has {len(values)} seeds and {baseline!r} {len(ref)}: "
+                "paired differences need the same seeds"
+            )
+        out[name] = [100 * (v - r) for v, r in zip(values, ref, strict=True)]
+    return out
+
+
+def paired_se(diffs: Sequence[float]) -> float:
+    """The standard error of a mean paired difference (NaN for fewer than two seeds)."""
+    return statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+
+
 def format_ablation(results: dict[str, list[float]], baseline: str = "baseline") -> str:
-    """One row per variant: mean and std of mIoU (%) over seeds and the mean paired delta."""
-    ref = results.get(baseline)
-    lines = [f"{'variant':<16} {'mIoU':>7} {'std':>6} {'delta':>7}  runs"]
+    """One row per variant: mean and std of mIoU (%) over seeds, and the mean paired
+    difference to ``baseline`` with its standard error (points; NaN with fewer than two
+    seeds, blank without a baseline).
+
+    Example:
+        >>> print(format_ablation({"baseline": [0.5, 0.625], "tp": [0.5, 0.75]}))
+        variant             mIoU    std    delta     SE  seeds
+        baseline           56.25   8.84                      2
+        tp                 62.50  17.68    +6.25   6.25      2
+    """
+    diffs = paired_differences(results, baseline) if baseline in results else {}
+    lines = [f"{'variant':<16} {'mIoU':>7} {'std':>6} {'delta':>8} {'SE':>6}  seeds"]
     for name, values in results.items():
         mean = 100 * statistics.fmean(values)
         std = 100 * statistics.stdev(values) if len(values) > 1 else math.nan
-        delta = (
-            100 * statistics.fmean(v - r for v, r in zip(values, ref, strict=False))
-            if ref is not None
-            else math.nan
+        paired = (
+            f"{statistics.fmean(diffs[name]):+8.2f} {paired_se(diffs[name]):6.2f}"
+            if name in diffs
+            else f"{'':>8} {'':>6}"
         )
-        lines.append(f"{name:<16} {mean:7.2f} {std:6.2f} {delta:+7.2f}  {len(values)}")
+        lines.append(f"{name:<16} {mean:7.2f} {std:6.2f} {paired}  {len(values):>5}")
     return "\n".join(lines)
