@@ -215,6 +215,61 @@ def rare_first(classes: list[str]) -> list[str]:
     return [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
 
 
+def pooled_effect(results: Runs) -> dict[str, Any] | None:
+    """Every RCH run of every variant against every baseline run: does RCH, in any of the
+    forms tried, move mIoU on this protocol? ``None`` without both.
+
+    Two estimates, in mIoU points. ``diff``: the mean of all RCH runs minus the baseline's
+    mean, with Welch's SE and degrees of freedom (the RCH runs' spread includes the
+    differences between variants, so it is the conservative one). ``seed_diff``: per
+    seed, the mean of that seed's RCH runs minus that seed's baseline; their mean and the
+    SE of their spread over seeds, which keeps the shared baseline run of a seed in one
+    term (the honest one when seeds are few, and the one that needs RCH runs on the seed).
+    """
+    base = [100 * r["mIoU"] for r in results.get("baseline", {}).values()]
+    rch = {n: runs for n, runs in results.items() if n != "baseline" and runs}
+    values = [100 * r["mIoU"] for runs in rch.values() for r in runs.values()]
+    if not base or not values:
+        return None
+    out: dict[str, Any] = {
+        "variants": len(rch),
+        "runs": len(values),
+        "baseline_runs": len(base),
+        "mean": statistics.fmean(values),
+        "baseline_mean": statistics.fmean(base),
+        "diff": statistics.fmean(values) - statistics.fmean(base),
+        "se": math.nan,
+        "df": math.nan,
+    }
+    if len(base) > 1 and len(values) > 1:
+        vb, vr = statistics.variance(base) / len(base), statistics.variance(values) / len(values)
+        out["se"] = math.sqrt(vb + vr)
+        if vb + vr > 0:
+            out["df"] = (vb + vr) ** 2 / (vb**2 / (len(base) - 1) + vr**2 / (len(values) - 1))
+    per_seed = {}
+    for seed, ref in sorted(results.get("baseline", {}).items()):
+        mine = [100 * runs[seed]["mIoU"] for runs in rch.values() if seed in runs]
+        if mine:
+            per_seed[seed] = statistics.fmean(mine) - 100 * ref["mIoU"]
+    out["seed_diff"] = per_seed
+    d = list(per_seed.values())
+    out["seed_diff_mean"] = statistics.fmean(d) if d else math.nan
+    out["seed_diff_se"] = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return out
+
+
+def format_pooled_effect(e: dict[str, Any]) -> str:
+    per = ", ".join(f"seed {s} {d:+.2f}" for s, d in e["seed_diff"].items())
+    return (
+        f"all RCH runs pooled: {e['runs']} runs of {e['variants']} variant(s), mean"
+        f" {e['mean']:.2f}, against {e['baseline_runs']} baseline runs, mean"
+        f" {e['baseline_mean']:.2f}: {e['diff']:+.2f} (Welch SE {e['se']:.2f},"
+        f" {e['df']:.1f} df)\n"
+        f"  by seed (RCH runs' mean minus that seed's baseline): {per}; mean"
+        f" {e['seed_diff_mean']:+.2f}, SE over seeds {e['seed_diff_se']:.2f}"
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     w = max([14, *map(len, summary)])
     lines = [
@@ -394,17 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     def write() -> dict[str, Any]:
-        """Write the results file; its summary."""
+        """Write the results file; its summary and pooled effect."""
         meta["elapsed_s"] = round(time.time() - started)
         present = {k: dict(sorted(v.items())) for k, v in done.items() if v}
         summary = summarize(present)
+        data = {"meta": meta, "summary": summary, "pooled": pooled_effect(present)}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.results.with_name(args.results.name + ".tmp")
-        tmp.write_text(
-            json.dumps(json_safe({"meta": meta, "summary": summary, "runs": present}), indent=1)
-        )
+        tmp.write_text(json.dumps(json_safe({**data, "runs": present}), indent=1))
         tmp.replace(args.results)  # a reader never sees half a file
-        return summary
+        return data
 
     def save(name: str, seed: int, scores: dict[str, Any]) -> None:
         done[name][seed] = scores
@@ -429,10 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         jobs=args.jobs,
         skip=held,
     )
-    summary = write()
-    print(format_summary(summary))
+    data = write()
+    print(format_summary(data["summary"]))
+    if data["pooled"] is not None:
+        print(format_pooled_effect(data["pooled"]))
     print(f"written: {args.results}")
-    for png in draw_figures(summary, args.results):
+    for png in draw_figures(data["summary"], args.results):
         print(f"written: {png}")
     return 0
 

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,6 +126,8 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     assert len(paper["paired_diff"]) == 2 and paper["seeds"] == [0, 1]
     assert set(paper["class_delta"]) >= {"Pole", "Bicyclist"}
     assert set(paper["recall_delta"]) == set(paper["precision_delta"]) == set(paper["class_delta"])
+    assert data["pooled"]["runs"] == 2 and set(data["pooled"]["seed_diff"]) == {"0", "1"}
+    assert "all RCH runs pooled: 2 runs of 1 variant(s)" in first.stdout
     stamp = (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns == stamp
@@ -255,6 +258,35 @@ def test_camvid_pools_the_spread_of_paired_differences_over_variants():
     assert summary["c"]["diff_se_pooled"] == pytest.approx(sd)  # one seed: the pooled SD
     assert summary["b"]["diff_se_pooled"] == pytest.approx(sd / math.sqrt(3))
     assert "pooled SE" in camvid.format_summary(summary)
+
+
+def test_camvid_pooled_effect_pools_every_rch_run_and_pairs_by_seed():
+    """All RCH runs against all baseline runs (Welch), and per seed against that seed's
+    baseline; nothing without both."""
+    camvid = _camvid_module()
+
+    def run(miou: float) -> dict[str, Any]:
+        return {"mIoU": miou / 100, "IoU": {}}
+
+    results = {
+        "baseline": {0: run(50), 1: run(52), 2: run(51)},
+        "a": {0: run(49), 1: run(52)},
+        "b": {0: run(51), 1: run(50), 3: run(48)},  # seed 3 has no baseline: pooled only
+    }
+    e = camvid.pooled_effect(results)
+    rch, base = [49, 52, 51, 50, 48], [50, 52, 51]
+    assert (e["runs"], e["variants"], e["baseline_runs"]) == (5, 2, 3)
+    assert e["diff"] == pytest.approx(50 - 51)
+    vr, vb = statistics.variance(rch) / 5, statistics.variance(base) / 3
+    assert e["se"] == pytest.approx(math.sqrt(vr + vb))
+    assert e["df"] == pytest.approx((vr + vb) ** 2 / (vr**2 / 4 + vb**2 / 2))
+    assert e["seed_diff"] == pytest.approx({0: 0.0, 1: -1.0})  # seed 2: no RCH run
+    assert e["seed_diff_mean"] == pytest.approx(-0.5)
+    assert e["seed_diff_se"] == pytest.approx(statistics.stdev([0, -1]) / math.sqrt(2))
+    text = camvid.format_pooled_effect(e)
+    assert "5 runs of 2 variant(s)" in text and "-1.00 (Welch SE" in text and "seed 1 -1.00" in text
+    assert camvid.pooled_effect({"baseline": results["baseline"]}) is None
+    assert camvid.pooled_effect({"a": results["a"]}) is None
 
 
 def test_camvid_recall_and_precision_deltas_are_paired_by_seed():
