@@ -325,9 +325,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def draw_figures(summary: dict[str, Any], results: Path) -> list[Path]:
+POOLED_ROW = "all RCH runs, by seed"
+
+
+def draw_figures(
+    summary: dict[str, Any], results: Path, pooled: dict[str, Any] | None = None
+) -> list[Path]:
     """Two PNGs beside the results file: the paired differences per variant (a dot per seed,
-    the mean with +- 1.96 pooled SE, the paper's +1 as a dashed line) and the per-class IoU
+    the mean with +- 1.96 pooled SE, the paper's +1 as a dashed line; with ``pooled``, a
+    last row of its per-seed differences with their SE over seeds) and the per-class IoU
     deltas as a heat map. Nothing without a paired variant, or without matplotlib."""
     paired = {name: e for name, e in summary.items() if e.get("paired_diff")}
     if not paired:
@@ -340,10 +346,15 @@ def draw_figures(summary: dict[str, Any], results: Path) -> list[Path]:
     try:  # matplotlib is imported by the first plot, not by ``rch.viz``
         from rch.viz import figures
 
+        diffs = {name: e["paired_diff"] for name, e in paired.items()}
+        se = {name: e["diff_se_pooled"] for name, e in paired.items()}
+        if pooled is not None and pooled["seed_diff"]:
+            diffs[POOLED_ROW] = list(pooled["seed_diff"].values())
+            se[POOLED_ROW] = pooled["seed_diff_se"]
         figures.plot_paired_differences(
-            {name: e["paired_diff"] for name, e in paired.items()},
+            diffs,
             diffs_png,
-            se={name: e["diff_se_pooled"] for name, e in paired.items()},
+            se=se,
             reference=1.0,
             reference_label="the paper's gain (Cityscapes)",
         )
@@ -488,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if data["pooled"] is not None:
         print(format_pooled_effect(data["pooled"]))
     print(f"written: {args.results}")
-    for png in draw_figures(data["summary"], args.results):
+    for png in draw_figures(data["summary"], args.results, data["pooled"]):
         print(f"written: {png}")
     return 0
 

@@ -325,6 +325,11 @@ def test_camvid_figures_are_skipped_without_matplotlib(tmp_path: Path, monkeypat
     monkeypatch.undo()
     written = camvid.draw_figures(summary, tmp_path / "camvid.json")
     assert [p.name for p in written] == ["camvid_paired.png", "camvid_classes.png"]
+    drawn: dict[str, Any] = {}
+    monkeypatch.setattr(figures, "plot_paired_differences", lambda d, p, **kw: drawn.update(d=d))
+    pooled = camvid.pooled_effect({"baseline": base, "paper": other})
+    camvid.draw_figures(summary, tmp_path / "camvid.json", pooled)
+    assert drawn["d"][camvid.POOLED_ROW] == pytest.approx([1.0, 1.0])  # one point per seed
     assert camvid.rare_first(["Sky", "Bicyclist", "Pole"]) == ["Pole", "Bicyclist", "Sky"]
 
 
