@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_meta
-from rch.eval.metrics import Scores, scores_from_confusion
+from rch.eval.paired import (
+    format_paired_summary,
+    format_pooled_effect,
+    marked_first,
+    pooled_effect,
+)
+from rch.eval.paired import summarize_paired as summarize
 from rch.train import config_from_dict
 from rch.train.ablate import GRID, TABLE1, Variant, run_name, run_variants, variants
 from rch.train.logger import json_safe
@@ -102,81 +104,6 @@ def base_config(args: argparse.Namespace) -> Any:
     )
 
 
-def summarize(results: Runs) -> dict[str, Any]:
-    """mIoU statistics per variant, and paired differences to the baseline over the seeds
-    that both ran."""
-    base = results.get("baseline", {})
-    out: dict[str, Any] = {}
-    for name, runs in results.items():
-        seeds = sorted(runs)
-        mious = [100 * runs[s]["mIoU"] for s in seeds]
-        entry: dict[str, Any] = {
-            "seeds": seeds,
-            "mIoU": mious,
-            "mean": statistics.fmean(mious) if mious else math.nan,
-            "std": statistics.stdev(mious) if len(mious) > 1 else math.nan,
-        }
-        paired = [s for s in seeds if s in base]
-        if name != "baseline" and paired:
-            n = len(paired)
-            diffs = [100 * (runs[s]["mIoU"] - base[s]["mIoU"]) for s in paired]
-            entry["paired_seeds"] = paired
-            entry["paired_diff"] = diffs
-            entry["diff_mean"] = statistics.fmean(diffs)
-            entry["diff_se"] = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
-            classes = list(runs[paired[0]]["IoU"])
-            entry["class_delta"] = {
-                c: statistics.fmean(
-                    100 * ((runs[s]["IoU"][c] or 0.0) - (base[s]["IoU"][c] or 0.0)) for s in paired
-                )
-                for c in classes
-            }
-            if all("confusion" in runs[s] and "confusion" in base[s] for s in paired):
-                rates = [
-                    (_scores(runs[s]["confusion"]), _scores(base[s]["confusion"])) for s in paired
-                ]
-                for key, attr in (("recall", "acc"), ("precision", "precision")):
-                    per_seed = [
-                        [
-                            100 * (a - b)
-                            for a, b in zip(getattr(mine, attr), getattr(theirs, attr), strict=True)
-                        ]
-                        for mine, theirs in rates
-                    ]
-                    delta = [statistics.fmean(d) for d in zip(*per_seed, strict=True)]
-                    entry[f"{key}_delta"] = dict(zip(classes, delta, strict=True))
-                    kept = [d for d in delta if not math.isnan(d)]
-                    entry[f"mean_{key}_delta"] = statistics.fmean(kept) if kept else math.nan
-        out[name] = entry
-    sd, df = pooled_diff_sd([e["paired_diff"] for e in out.values() if "paired_diff" in e])
-    for entry in out.values():
-        if "paired_diff" in entry:
-            entry["diff_se_pooled"] = sd / math.sqrt(len(entry["paired_diff"]))
-            entry["pooled_sd"], entry["pooled_df"] = sd, df
-    return out
-
-
-def _scores(confusion: list[list[int]]) -> Scores:
-    """A run's scores from its confusion matrix: recall is ``acc`` (1 - the FN rate),
-    precision 1 - the FP share."""
-    return scores_from_confusion(torch.tensor(confusion))
-
-
-def pooled_diff_sd(diffs: list[list[float]]) -> tuple[float, int]:
-    """The per-seed standard deviation of a paired difference, pooled over variants, and its
-    degrees of freedom: sqrt(sum_i (n_i - 1) s_i^2 / sum_i (n_i - 1)) over the variants with
-    at least two seeds; nan and 0 when none has.
-
-    One variant's own SD rests on a handful of seeds (2 degrees of freedom for 3), so its
-    SE can be small by luck; the pooled SD uses every variant's spread. The variants share
-    the baseline runs, so their spreads are not independent: read the pooled SE as the
-    typical noise of a paired difference on this protocol, not as an exact test.
-    """
-    ss = sum(statistics.variance(d) * (len(d) - 1) for d in diffs if len(d) > 1)
-    df = sum(len(d) - 1 for d in diffs if len(d) > 1)
-    return (math.sqrt(ss / df) if df else math.nan), df
-
-
 def load_runs(
     path: Path, protocol: dict[str, Any], variants: dict[str, list[str]]
 ) -> tuple[Runs, dict[str, list[str]]]:
@@ -212,117 +139,13 @@ def load_runs(
 
 def rare_first(classes: list[str]) -> list[str]:
     """The rare classes (in ``RARE``'s order) first, then the others in their own order."""
-    return [c for c in RARE if c in classes] + [c for c in classes if c not in RARE]
-
-
-def pooled_effect(results: Runs) -> dict[str, Any] | None:
-    """Every RCH run of every variant against every baseline run: does RCH, in any of the
-    forms tried, move mIoU on this protocol? ``None`` without both.
-
-    Two estimates, in mIoU points. ``diff``: the mean of all RCH runs minus the baseline's
-    mean, with Welch's SE and degrees of freedom (the RCH runs' spread includes the
-    differences between variants, so it is the conservative one). ``seed_diff``: per
-    seed, the mean of that seed's RCH runs minus that seed's baseline; their mean and the
-    SE of their spread over seeds, which keeps the shared baseline run of a seed in one
-    term (the honest one when seeds are few, and the one that needs RCH runs on the seed).
-    """
-    base = [100 * r["mIoU"] for r in results.get("baseline", {}).values()]
-    rch = {n: runs for n, runs in results.items() if n != "baseline" and runs}
-    values = [100 * r["mIoU"] for runs in rch.values() for r in runs.values()]
-    if not base or not values:
-        return None
-    out: dict[str, Any] = {
-        "variants": len(rch),
-        "runs": len(values),
-        "baseline_runs": len(base),
-        "mean": statistics.fmean(values),
-        "baseline_mean": statistics.fmean(base),
-        "diff": statistics.fmean(values) - statistics.fmean(base),
-        "se": math.nan,
-        "df": math.nan,
-    }
-    if len(base) > 1 and len(values) > 1:
-        vb, vr = statistics.variance(base) / len(base), statistics.variance(values) / len(values)
-        out["se"] = math.sqrt(vb + vr)
-        if vb + vr > 0:
-            out["df"] = (vb + vr) ** 2 / (vb**2 / (len(base) - 1) + vr**2 / (len(values) - 1))
-    per_seed = {}
-    for seed, ref in sorted(results.get("baseline", {}).items()):
-        mine = [100 * runs[seed]["mIoU"] for runs in rch.values() if seed in runs]
-        if mine:
-            per_seed[seed] = statistics.fmean(mine) - 100 * ref["mIoU"]
-    out["seed_diff"] = per_seed
-    d = list(per_seed.values())
-    out["seed_diff_mean"] = statistics.fmean(d) if d else math.nan
-    out["seed_diff_se"] = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
-    return out
-
-
-def format_pooled_effect(e: dict[str, Any]) -> str:
-    per = ", ".join(f"seed {s} {d:+.2f}" for s, d in e["seed_diff"].items())
-    return (
-        f"all RCH runs pooled: {e['runs']} runs of {e['variants']} variant(s), mean"
-        f" {e['mean']:.2f}, against {e['baseline_runs']} baseline runs, mean"
-        f" {e['baseline_mean']:.2f}: {e['diff']:+.2f} (Welch SE {e['se']:.2f},"
-        f" {e['df']:.1f} df)\n"
-        f"  by seed (RCH runs' mean minus that seed's baseline): {per}; mean"
-        f" {e['seed_diff_mean']:+.2f}, SE over seeds {e['seed_diff_se']:.2f}"
-    )
+    return marked_first(classes, RARE)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    w = max([14, *map(len, summary)])
-    lines = [
-        f"{'variant':<{w}} {'runs':>4} {'mIoU':>7} {'std':>6} {'paired diff':>12} {'SE':>6}"
-        f" {'pooled SE':>9}  per-seed diffs"
-    ]
-    for name, e in summary.items():
-        diff = e.get("diff_mean", math.nan)
-        se = e.get("diff_se", math.nan)
-        pooled = e.get("diff_se_pooled", math.nan)
-        per = " ".join(f"{d:+.2f}" for d in e.get("paired_diff", []))
-        if name == "baseline":
-            lines.append(f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f}")
-            continue
-        lines.append(
-            f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f} {diff:+12.2f}"
-            f" {se:6.2f} {pooled:9.2f}  {per}"
-        )
-    pooled_of = [e for e in summary.values() if "pooled_sd" in e]
-    if pooled_of:
-        lines.append(
-            f"pooled SE: the per-seed SD of a paired difference pooled over the variants,"
-            f" {pooled_of[0]['pooled_sd']:.2f} ({pooled_of[0]['pooled_df']} degrees of freedom),"
-            " over sqrt(runs)"
-        )
-    deltas = {n: e["class_delta"] for n, e in summary.items() if "class_delta" in e}
-    if deltas:
-        ordered = rare_first(list(next(iter(deltas.values()))))
-        cw = max([9, *map(len, deltas)])
-        lines.append("")
-        lines.append(f"{'class (IoU delta)':<18}" + "".join(f" {n:>{cw}}" for n in deltas))
-        for c in ordered:
-            mark = " *" if c in RARE else ""
-            lines.append(f"{c + mark:<18}" + "".join(f" {d[c]:+{cw}.2f}" for d in deltas.values()))
-    rates = {n: e for n, e in summary.items() if "recall_delta" in e}
-    if rates:
-        rare = [c for c in RARE if c in next(iter(rates.values()))["recall_delta"]]
-        lines.append("")
-        lines.append(
-            "recall / precision delta (points, paired): recall = 1 - FN rate, precision ="
-            " 1 - FP share; mean over classes, then the rare ones"
-        )
-        header = "".join(f" {c:>13}" for c in rare)
-        lines.append(f"{'variant':<{w}} {'recall':>7} {'precision':>9}{header}")
-        for name, e in rates.items():
-            cells = "".join(
-                f" {e['recall_delta'][c]:+6.1f}/{e['precision_delta'][c]:+6.1f}" for c in rare
-            )
-            lines.append(
-                f"{name:<{w}} {e['mean_recall_delta']:+7.2f} {e['mean_precision_delta']:+9.2f}"
-                + cells
-            )
-    return "\n".join(lines)
+    """The printed table: variants, per-class IoU deltas and recall / precision deltas,
+    with the rare classes first."""
+    return format_paired_summary(summary, mark=RARE)
 
 
 POOLED_ROW = "all RCH runs, by seed"

@@ -99,6 +99,16 @@ def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
     assert f"figure: {figure}" in table and figure.read_bytes()[:4] == b"\x89PNG"
     assert set(summary["mIoU"]) == {"baseline", "tp", "full"}
     assert all(len(v) == 2 for v in summary["mIoU"].values())
+    # the paired analysis: per seed, per class, recall / precision, all runs pooled
+    full = summary["summary"]["full"]
+    assert full["paired_seeds"] == [0, 1] and len(full["class_delta"]) == 10  # the classes
+    assert full["paired_diff"][1] == pytest.approx(
+        100 * (summary["mIoU"]["full"][1] - summary["mIoU"]["baseline"][1])
+    )
+    assert set(full["recall_delta"]) == set(full["class_delta"])
+    assert summary["pooled"]["runs"] == 4 and summary["pooled"]["baseline_runs"] == 2
+    assert "class (IoU delta)" in table and "recall / precision delta" in table
+    assert "all RCH runs pooled: 4 runs of 2 variant(s)" in table
     cfg = load_checkpoint(tmp_path / "runs" / "cli-tp-s1" / "checkpoints" / "last.pt")["config"]
     assert cfg["seed"] == 1 and cfg["rch"]["fn_term"] is False and cfg["rch"]["fp_term"] is False
     stamp = (tmp_path / "runs" / "cli-full-s0" / "eval.json").stat().st_mtime_ns

@@ -156,10 +156,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def _ablate(args: argparse.Namespace) -> int:
     from .train import load_config
-    from .train.ablate import TABLE1, ablate, format_ablation, paired_differences, paired_se
+    from .train.ablate import TABLE1, ablate
 
     cfg = load_config(args.config, args.overrides)
-    results = ablate(
+    result = ablate(
         cfg,
         args.rows or tuple(TABLE1),
         args.grid,
@@ -167,16 +167,19 @@ def _ablate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         jobs=args.jobs,
     )
-    print(format_ablation(results))
-    base = results.get("baseline")
-    if base is not None and len(results) > 1:
-        diffs = paired_differences(results)  # by seed, in mIoU points
-        se = {n: paired_se(d) for n, d in diffs.items() if len(d) > 1}
-        png = Path(cfg.train.out_dir) / f"{cfg.name}-ablation.png"
+    print(result.format())
+    print(f"written: {result.path}")
+    paired = {name: e for name, e in result.summary.items() if e.get("paired_diff")}
+    if paired:
+        png = result.path.with_suffix(".png")
         try:
             from .viz import figures
 
-            figures.plot_paired_differences(diffs, png, se=se)
+            figures.plot_paired_differences(
+                {name: e["paired_diff"] for name, e in paired.items()},
+                png,
+                se={name: e["diff_se_pooled"] for name, e in paired.items()},
+            )
         except ImportError:
             print("figure skipped: it needs matplotlib (pip install 'rch[viz]')")
         else:

@@ -8,14 +8,7 @@ import statistics
 import pytest
 
 from rch.errors import RCHError
-from rch.train.ablate import (
-    Variant,
-    format_ablation,
-    paired_differences,
-    paired_se,
-    run_variants,
-    variants,
-)
+from rch.train.ablate import Variant, format_ablation, run_variants, variants
 
 from .helpers import tiny_config
 
@@ -97,17 +90,13 @@ def test_skipped_runs_are_neither_trained_nor_reported(tmp_path):
     assert not (runs / "t-full-s0").exists() and not (runs / "t-baseline-s1").exists()
 
 
-def test_paired_differences_and_their_se_match_a_hand_computation():
+def test_format_ablation_matches_a_hand_computation():
     results = {"baseline": [0.40, 0.42, 0.44], "a": [0.41, 0.42, 0.47], "b": [0.40, 0.40, 0.40]}
-    diffs = paired_differences(results)
-    assert diffs["a"] == pytest.approx([1.0, 0.0, 3.0]) and diffs["b"] == pytest.approx([0, -2, -4])
-    assert paired_se(diffs["a"]) == pytest.approx(statistics.stdev([1, 0, 3]) / math.sqrt(3))
-    assert math.isnan(paired_se([1.0]))
     rows = {line.split()[0]: line.split()[1:] for line in format_ablation(results).splitlines()}
-    assert rows["a"] == ["43.33", "3.21", "+1.33", f"{paired_se(diffs['a']):.2f}", "3"]
+    se = statistics.stdev([1, 0, 3]) / math.sqrt(3)  # paired differences 1, 0, 3
+    assert rows["a"] == ["43.33", "3.21", "+1.33", f"{se:.2f}", "3"]
+    assert rows["b"][2] == "-2.00"
     assert rows["baseline"] == ["42.00", "2.00", "3"]  # no delta against itself
     assert format_ablation({"a": [0.5]}).splitlines()[1].split() == ["a", "50.00", "nan", "1"]
-    with pytest.raises(ValueError, match="'a' has 1 seeds and 'baseline' 2"):
-        paired_differences({"baseline": [0.4, 0.5], "a": [0.4]})
-    with pytest.raises(KeyError, match="no 'ref' among the variants: a"):
-        paired_differences({"a": [0.4]}, baseline="ref")
+    with pytest.raises(ValueError, match="'a': not as many seeds as 'baseline'"):
+        format_ablation({"baseline": [0.4, 0.5], "a": [0.4]})

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
-import statistics
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -14,17 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RCHError
+from ..eval.paired import (
+    format_paired_summary,
+    format_pooled_effect,
+    pooled_effect,
+    summarize_paired,
+)
 from .config import Config, apply_overrides, config_differences, load_config
+from .logger import json_safe
 from .trainer import train
 
 __all__ = [
     "GRID",
     "TABLE1",
+    "Ablation",
     "Variant",
     "ablate",
     "format_ablation",
-    "paired_differences",
-    "paired_se",
     "run_name",
     "run_variants",
     "variants",
@@ -210,6 +214,34 @@ def run_variants(
     return results
 
 
+@dataclass(frozen=True)
+class Ablation:
+    """What :func:`ablate` ran and found; also written to ``path`` as JSON."""
+
+    seeds: list[int]
+    runs: dict[str, dict[int, dict[str, Any]]]
+    """variant name -> seed -> the run's ``eval.json`` contents."""
+    summary: dict[str, dict[str, Any]]
+    """:func:`rch.eval.paired.summarize_paired` of ``runs``."""
+    pooled: dict[str, Any] | None
+    """:func:`rch.eval.paired.pooled_effect` of ``runs`` (``None`` without a baseline)."""
+    path: Path
+
+    @property
+    def miou(self) -> dict[str, list[float]]:
+        """variant name -> mIoU (fraction) per seed, in ``seeds`` order."""
+        return {
+            name: [float(r["mIoU"]) for r in by_seed.values()]
+            for name, by_seed in self.runs.items()
+        }
+
+    def format(self, mark: Collection[str] = ()) -> str:
+        """The paired table (:func:`rch.eval.paired.format_paired_summary`; classes in
+        ``mark`` first) and, with a baseline, the pooled effect of all variants."""
+        text = format_paired_summary(self.summary, mark=mark)
+        return text if self.pooled is None else text + "\n" + format_pooled_effect(self.pooled)
+
+
 def ablate(
     cfg: Config,
     rows: Sequence[str] = tuple(TABLE1),
@@ -217,77 +249,61 @@ def ablate(
     seeds: Sequence[int] = (0,),
     progress: bool = True,
     jobs: int = 1,
-) -> dict[str, list[float]]:
+) -> Ablation:
     """Train and evaluate every Table 1 row (and grid point) for every seed, resumably (see
-    :func:`run_variants`).
+    :func:`run_variants`), and compare each variant with the baseline seed by seed.
 
     Returns:
-        variant name -> mIoU (fraction) per seed. Also written to ``OUT/NAME-ablation.json``.
+        The runs, their paired summary and pooled effect; also written to
+        ``OUT/NAME-ablation.json`` (with ``mIoU``: variant -> mIoU per seed).
     """
-    runs = run_variants(cfg, variants(rows, grid), seeds, progress, jobs=jobs)
-    results = {name: [float(r["mIoU"]) for r in rs] for name, rs in runs.items()}
-    base_dir = Path(cfg.train.out_dir)
-    summary = base_dir / f"{cfg.name}-ablation.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps({"seeds": list(seeds), "mIoU": results}, indent=1))
-    return results
-
-
-def paired_differences(
-    results: dict[str, list[float]], baseline: str = "baseline"
-) -> dict[str, list[float]]:
-    """Each variant's mIoU minus the baseline's, seed by seed, in mIoU points.
-
-    Args:
-        results: variant name -> mIoU (fraction) per seed, every list in the same seed order
-            (as :func:`ablate` returns them).
-        baseline: the name of the reference variant.
-
-    Example:
-        >>> paired_differences({"baseline": [0.5, 0.625], "tp": [0.5, 0.75]})
-        {'tp': [0.0, 12.5]}
-    """
-    if baseline not in results:
-        raise KeyError(f"no {baseline!r} among the variants: {', '.join(results)}")
-    ref = results[baseline]
-    out: dict[str, list[float]] = {}
-    for name, values in results.items():
-        if name == baseline:
-            continue
-        if len(values) != len(ref):
-            raise ValueError(
-                f"{name!r} has {len(values)} seeds and {baseline!r} {len(ref)}: "
-                "paired differences need the same seeds"
-            )
-        out[name] = [100 * (v - r) for v, r in zip(values, ref, strict=True)]
-    return out
-
-
-def paired_se(diffs: Sequence[float]) -> float:
-    """The standard error of a mean paired difference (NaN for fewer than two seeds)."""
-    return statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    found = run_variants(cfg, variants(rows, grid), seeds, progress, jobs=jobs)
+    runs = {name: dict(zip(seeds, rs, strict=True)) for name, rs in found.items()}
+    summary, pooled = summarize_paired(runs), pooled_effect(runs)
+    path = Path(cfg.train.out_dir) / f"{cfg.name}-ablation.json"
+    result = Ablation(list(seeds), runs, summary, pooled, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"seeds": list(seeds), "mIoU": result.miou, "summary": summary, "pooled": pooled}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=1))
+    tmp.replace(path)
+    return result
 
 
 def format_ablation(results: dict[str, list[float]], baseline: str = "baseline") -> str:
     """One row per variant: mean and std of mIoU (%) over seeds, and the mean paired
-    difference to ``baseline`` with its standard error (points; NaN with fewer than two
-    seeds, blank without a baseline).
+    difference to ``baseline`` with its standard error (points; NaN with one seed, blank
+    without a baseline). Every list holds the same seeds in the same order.
 
     Example:
         >>> print(format_ablation({"baseline": [0.5, 0.625], "tp": [0.5, 0.75]}))
         variant             mIoU    std    delta     SE  seeds
         baseline           56.25   8.84                      2
         tp                 62.50  17.68    +6.25   6.25      2
+
+    Raises:
+        ValueError: lists of different lengths next to a baseline (they cannot be paired).
     """
-    diffs = paired_differences(results, baseline) if baseline in results else {}
+    if baseline in results:
+        uneven = [n for n, v in results.items() if len(v) != len(results[baseline])]
+        if uneven:
+            raise ValueError(
+                f"{', '.join(map(repr, uneven))}: not as many seeds as {baseline!r}; "
+                "paired differences need the same seeds"
+            )
+    summary = summarize_paired(
+        {
+            n: {i: {"mIoU": v, "IoU": {}} for i, v in enumerate(values)}
+            for n, values in results.items()
+        },
+        baseline,
+    )
     lines = [f"{'variant':<16} {'mIoU':>7} {'std':>6} {'delta':>8} {'SE':>6}  seeds"]
-    for name, values in results.items():
-        mean = 100 * statistics.fmean(values)
-        std = 100 * statistics.stdev(values) if len(values) > 1 else math.nan
+    for name, e in summary.items():
         paired = (
-            f"{statistics.fmean(diffs[name]):+8.2f} {paired_se(diffs[name]):6.2f}"
-            if name in diffs
+            f"{e['diff_mean']:+8.2f} {e['diff_se']:6.2f}"
+            if "diff_mean" in e
             else f"{'':>8} {'':>6}"
         )
-        lines.append(f"{name:<16} {mean:7.2f} {std:6.2f} {paired}  {len(values):>5}")
+        lines.append(f"{name:<16} {e['mean']:7.2f} {e['std']:6.2f} {paired}  {len(e['mIoU']):>5}")
     return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""Paired-seed comparison of training variants against a baseline.
+
+A variant and the baseline trained with the same seed share their initial weights and
+their batches, so their difference in mIoU on that seed is the variant's effect plus
+noise; its mean over seeds, with a standard error, is what a table of variants reports.
+Everything here is in percentage points and works on the ``eval.json`` contents of
+finished runs (``mIoU``, ``IoU`` per class and, where written, ``confusion``).
+
+Example:
+    >>> def run(miou):
+    ...     return {"mIoU": miou, "IoU": {"a": miou}}
+    >>> runs = {"baseline": {0: run(0.500), 1: run(0.520)}, "rch": {0: run(0.510), 1: run(0.525)}}
+    >>> s = summarize_paired(runs)
+    >>> [round(d, 2) for d in s["rch"]["paired_diff"]], round(s["rch"]["diff_mean"], 2)
+    ([1.0, 0.5], 0.75)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+
+from .metrics import scores_from_confusion
+
+__all__ = [
+    "Runs",
+    "format_paired_summary",
+    "format_pooled_effect",
+    "marked_first",
+    "pooled_diff_sd",
+    "pooled_effect",
+    "summarize_paired",
+]
+
+Runs = Mapping[str, Mapping[int, Mapping[str, Any]]]
+"""variant name -> seed -> that run's ``eval.json`` contents."""
+
+
+def pooled_diff_sd(diffs: Collection[Collection[float]]) -> tuple[float, int]:
+    """The per-seed standard deviation of a paired difference, pooled over variants, and its
+    degrees of freedom: sqrt(sum_i (n_i - 1) s_i^2 / sum_i (n_i - 1)) over the variants with
+    at least two seeds; NaN and 0 when none has.
+
+    One variant's own SD rests on a handful of seeds (2 degrees of freedom for 3), so its
+    SE can be small by luck; the pooled SD uses every variant's spread. The variants share
+    the baseline runs, so their spreads are not independent: read the pooled SE as the
+    typical noise of a paired difference on the protocol, not as an exact test.
+
+    Example:
+        >>> sd, df = pooled_diff_sd([[0.0, 2.0], [1.0, 3.0], [5.0]])  # one seed: no spread
+        >>> round(sd, 4), df
+        (1.4142, 2)
+    """
+    kept = [list(d) for d in diffs if len(d) > 1]
+    ss = sum(statistics.variance(d) * (len(d) - 1) for d in kept)
+    df = sum(len(d) - 1 for d in kept)
+    return (math.sqrt(ss / df) if df else math.nan), df
+
+
+def _rates(confusion: list[list[int]]) -> tuple[list[float], list[float]]:
+    scores = scores_from_confusion(torch.tensor(confusion))
+    return scores.acc, scores.precision  # recall = 1 - FN rate, precision = 1 - FP share
+
+
+def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dict[str, Any]]:
+    """mIoU statistics per variant, and its paired differences to ``baseline`` over the
+    seeds that both ran.
+
+    Each entry holds ``seeds``, ``mIoU`` (per seed), ``mean`` and ``std``. A variant paired
+    with the baseline on at least one seed also holds ``paired_seeds``, ``paired_diff``,
+    ``diff_mean``, ``diff_se`` (its own SE; NaN for one seed), ``diff_se_pooled`` (the
+    pooled SD of :func:`pooled_diff_sd` over sqrt(seeds)) with ``pooled_sd`` and
+    ``pooled_df``, ``class_delta`` (mean per-class IoU difference; a class missing from a
+    run's IoU counts as 0), and, where every paired run kept its confusion matrix,
+    ``recall_delta`` / ``precision_delta`` per class with their class means
+    ``mean_recall_delta`` / ``mean_precision_delta``.
+    """
+    base = results.get(baseline, {})
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in results.items():
+        seeds = sorted(runs)
+        mious = [100 * runs[s]["mIoU"] for s in seeds]
+        entry: dict[str, Any] = {
+            "seeds": seeds,
+            "mIoU": mious,
+            "mean": statistics.fmean(mious) if mious else math.nan,
+            "std": statistics.stdev(mious) if len(mious) > 1 else math.nan,
+        }
+        paired = [s for s in seeds if s in base]
+        if name != baseline and paired:
+            n = len(paired)
+            diffs = [100 * (runs[s]["mIoU"] - base[s]["mIoU"]) for s in paired]
+            entry["paired_seeds"] = paired
+            entry["paired_diff"] = diffs
+            entry["diff_mean"] = statistics.fmean(diffs)
+            entry["diff_se"] = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+            classes = list(runs[paired[0]]["IoU"])
+            entry["class_delta"] = {
+                c: statistics.fmean(
+                    100 * ((runs[s]["IoU"][c] or 0.0) - (base[s]["IoU"][c] or 0.0)) for s in paired
+                )
+                for c in classes
+            }
+            if all("confusion" in runs[s] and "confusion" in base[s] for s in paired):
+                rates = [
+                    (_rates(runs[s]["confusion"]), _rates(base[s]["confusion"])) for s in paired
+                ]
+                for i, key in enumerate(("recall", "precision")):
+                    per_seed = [
+                        [100 * (a - b) for a, b in zip(mine[i], theirs[i], strict=True)]
+                        for mine, theirs in rates
+                    ]
+                    delta = [statistics.fmean(d) for d in zip(*per_seed, strict=True)]
+                    entry[f"{key}_delta"] = dict(zip(classes, delta, strict=True))
+                    kept = [d for d in delta if not math.isnan(d)]
+                    entry[f"mean_{key}_delta"] = statistics.fmean(kept) if kept else math.nan
+        out[name] = entry
+    sd, df = pooled_diff_sd([e["paired_diff"] for e in out.values() if "paired_diff" in e])
+    for entry in out.values():
+        if "paired_diff" in entry:
+            entry["diff_se_pooled"] = sd / math.sqrt(len(entry["paired_diff"]))
+            entry["pooled_sd"], entry["pooled_df"] = sd, df
+    return out
+
+
+def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] | None:
+    """Every run of every variant against every ``baseline`` run: do the variants, taken
+    together, move mIoU? ``None`` without both.
+
+    Two estimates. ``diff``: the mean of all variant runs minus the baseline's mean, with
+    Welch's SE (``se``) and degrees of freedom (``df``); the variant runs' spread includes
+    the differences between variants, and the SE leans on the baseline's own spread. And
+    ``seed_diff``: per seed, the mean of that seed's variant runs minus that seed's
+    baseline run, with their mean (``seed_diff_mean``) and the SE of their spread over the
+    seeds (``seed_diff_se``), which keeps each seed's shared baseline run in one term.
+    """
+    values = [
+        100 * r["mIoU"] for n, runs in results.items() if n != baseline for r in runs.values()
+    ]
+    base_runs = results.get(baseline, {})
+    base = [100 * r["mIoU"] for r in base_runs.values()]
+    if not base or not values:
+        return None
+    others = [runs for n, runs in results.items() if n != baseline and runs]
+    out: dict[str, Any] = {
+        "variants": len(others),
+        "runs": len(values),
+        "baseline_runs": len(base),
+        "mean": statistics.fmean(values),
+        "baseline_mean": statistics.fmean(base),
+        "diff": statistics.fmean(values) - statistics.fmean(base),
+        "se": math.nan,
+        "df": math.nan,
+    }
+    if len(base) > 1 and len(values) > 1:
+        vb, vr = statistics.variance(base) / len(base), statistics.variance(values) / len(values)
+        out["se"] = math.sqrt(vb + vr)
+        if vb + vr > 0:
+            out["df"] = (vb + vr) ** 2 / (vb**2 / (len(base) - 1) + vr**2 / (len(values) - 1))
+    per_seed = {}
+    for seed, ref in sorted(base_runs.items()):
+        mine = [100 * runs[seed]["mIoU"] for runs in others if seed in runs]
+        if mine:
+            per_seed[seed] = statistics.fmean(mine) - 100 * ref["mIoU"]
+    out["seed_diff"] = per_seed
+    d = list(per_seed.values())
+    out["seed_diff_mean"] = statistics.fmean(d) if d else math.nan
+    out["seed_diff_se"] = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return out
+
+
+def marked_first(classes: Collection[str], mark: Collection[str]) -> list[str]:
+    """The classes in ``mark`` (in its order) first, then the others in their own order.
+
+    Example:
+        >>> marked_first(["Sky", "Bicyclist", "Pole"], ("Pole", "Bicyclist"))
+        ['Pole', 'Bicyclist', 'Sky']
+    """
+    return [c for c in mark if c in classes] + [c for c in classes if c not in mark]
+
+
+def format_paired_summary(
+    summary: Mapping[str, Mapping[str, Any]], mark: Collection[str] = (), baseline: str = "baseline"
+) -> str:
+    """The text table of :func:`summarize_paired`: one row per variant (mIoU, paired
+    difference, own and pooled SE, per-seed differences), then the per-class IoU deltas
+    (classes in ``mark``, the rare ones, first and starred), then the recall / precision
+    deltas (class means, then the marked classes)."""
+    w = max([14, *map(len, summary)])
+    lines = [
+        f"{'variant':<{w}} {'runs':>4} {'mIoU':>7} {'std':>6} {'paired diff':>12} {'SE':>6}"
+        f" {'pooled SE':>9}  per-seed diffs"
+    ]
+    for name, e in summary.items():
+        diff = e.get("diff_mean", math.nan)
+        se = e.get("diff_se", math.nan)
+        pooled = e.get("diff_se_pooled", math.nan)
+        per = " ".join(f"{d:+.2f}" for d in e.get("paired_diff", []))
+        if name == baseline:
+            lines.append(f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f}")
+            continue
+        lines.append(
+            f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f} {diff:+12.2f}"
+            f" {se:6.2f} {pooled:9.2f}  {per}"
+        )
+    pooled_of = [e for e in summary.values() if "pooled_sd" in e]
+    if pooled_of:
+        lines.append(
+            f"pooled SE: the per-seed SD of a paired difference pooled over the variants,"
+            f" {pooled_of[0]['pooled_sd']:.2f} ({pooled_of[0]['pooled_df']} degrees of freedom),"
+            " over sqrt(runs)"
+        )
+    deltas = {n: e["class_delta"] for n, e in summary.items() if "class_delta" in e}
+    if deltas:
+        ordered = marked_first(list(next(iter(deltas.values()))), mark)
+        cw = max([9, *map(len, deltas)])
+        lw = max([18, *(len(c) + 3 for c in ordered)])
+        lines.append("")
+        lines.append(f"{'class (IoU delta)':<{lw}}" + "".join(f" {n:>{cw}}" for n in deltas))
+        for c in ordered:
+            star = " *" if c in mark else ""
+            lines.append(
+                f"{c + star:<{lw}}" + "".join(f" {d[c]:+{cw}.2f}" for d in deltas.values())
+            )
+    rates = {n: e for n, e in summary.items() if "recall_delta" in e}
+    if rates:
+        marked = [c for c in mark if c in next(iter(rates.values()))["recall_delta"]]
+        lines.append("")
+        lines.append(
+            "recall / precision delta (points, paired): recall = 1 - FN rate, precision ="
+            " 1 - FP share; mean over classes" + (", then the starred ones" if marked else "")
+        )
+        header = "".join(f" {c:>13}" for c in marked)
+        lines.append(f"{'variant':<{w}} {'recall':>7} {'precision':>9}{header}")
+        for name, e in rates.items():
+            cells = "".join(
+                f" {e['recall_delta'][c]:+6.1f}/{e['precision_delta'][c]:+6.1f}" for c in marked
+            )
+            lines.append(
+                f"{name:<{w}} {e['mean_recall_delta']:+7.2f} {e['mean_precision_delta']:+9.2f}"
+                + cells
+            )
+    return "\n".join(lines)
+
+
+def format_pooled_effect(effect: Mapping[str, Any]) -> str:
+    """Two lines for :func:`pooled_effect`: the pooled difference with its Welch SE, and
+    the per-seed differences with their SE over the seeds."""
+    e = effect
+    per = ", ".join(f"seed {s} {d:+.2f}" for s, d in e["seed_diff"].items())
+    return (
+        f"all RCH runs pooled: {e['runs']} runs of {e['variants']} variant(s), mean"
+        f" {e['mean']:.2f}, against {e['baseline_runs']} baseline runs, mean"
+        f" {e['baseline_mean']:.2f}: {e['diff']:+.2f} (Welch SE {e['se']:.2f},"
+        f" {e['df']:.1f} df)\n"
+        f"  by seed (RCH runs' mean minus that seed's baseline): {per}; mean"
+        f" {e['seed_diff_mean']:+.2f}, SE over seeds {e['seed_diff_se']:.2f}"
+    )
