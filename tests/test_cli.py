@@ -89,9 +89,17 @@ def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
         "0",
         "1",
         "--no-progress",
+        "--mark",
+        "car",
+        "pole",
+        "unicorn",
     ]
     assert main(args) == 0
     table = capsys.readouterr().out
+    assert "--mark: no class named unicorn" in table
+    rows = table.splitlines()
+    first = rows.index(next(r for r in rows if r.startswith("class (IoU delta)")))
+    assert [r.split()[:2] for r in rows[first + 1 : first + 3]] == [["car", "*"], ["pole", "*"]]
     for row in ("baseline", "tp", "full"):
         assert any(line.startswith(row) for line in table.splitlines())
     summary = json.loads((tmp_path / "runs" / "cli-ablation.json").read_text())

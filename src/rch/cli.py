@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also the tau / rho / lambda grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
+        "--mark",
+        nargs="+",
+        default=[],
+        metavar="CLASS",
+        help="classes to list first and star in the per-class tables (e.g. the rare ones)",
+    )
+    p.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once, one process each (CPU)"
     )
     p.add_argument("--no-progress", action="store_true")
@@ -167,7 +174,13 @@ def _ablate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         jobs=args.jobs,
     )
-    print(result.format())
+    classes = {c for e in result.summary.values() for c in e.get("class_delta", {})}
+    unknown = [c for c in args.mark if c not in classes]
+    if unknown and classes:
+        print(
+            f"--mark: no class named {', '.join(unknown)} (classes: {', '.join(sorted(classes))})"
+        )
+    print(result.format(mark=args.mark))
     print(f"written: {result.path}")
     paired = {name: e for name, e in result.summary.items() if e.get("paired_diff")}
     if paired:
