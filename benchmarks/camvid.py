@@ -32,6 +32,7 @@ from rch.eval.paired import (
     format_paired_summary,
     format_pooled_effect,
     marked_first,
+    paired_rows,
     pooled_effect,
 )
 from rch.eval.paired import summarize_paired as summarize
@@ -169,8 +170,7 @@ def draw_figures(
     try:  # matplotlib is imported by the first plot, not by ``rch.viz``
         from rch.viz import figures
 
-        diffs = {name: e["paired_diff"] for name, e in paired.items()}
-        se = {name: e["diff_se_pooled"] for name, e in paired.items()}
+        diffs, se = paired_rows(summary)
         if pooled is not None and pooled["seed_diff"]:
             diffs[POOLED_ROW] = list(pooled["seed_diff"].values())
             se[POOLED_ROW] = pooled["seed_diff_se"]

@@ -162,6 +162,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
+    from .eval.paired import paired_rows
     from .train import load_config
     from .train.ablate import TABLE1, ablate
 
@@ -182,17 +183,13 @@ def _ablate(args: argparse.Namespace) -> int:
         )
     print(result.format(mark=args.mark))
     print(f"written: {result.path}")
-    paired = {name: e for name, e in result.summary.items() if e.get("paired_diff")}
-    if paired:
+    diffs, se = paired_rows(result.summary)
+    if diffs:
         png = result.path.with_suffix(".png")
         try:
             from .viz import figures
 
-            figures.plot_paired_differences(
-                {name: e["paired_diff"] for name, e in paired.items()},
-                png,
-                se={name: e["diff_se_pooled"] for name, e in paired.items()},
-            )
+            figures.plot_paired_differences(diffs, png, se=se)
         except ImportError:
             print("figure skipped: it needs matplotlib (pip install 'rch[viz]')")
         else:

@@ -31,6 +31,7 @@ __all__ = [
     "format_paired_summary",
     "format_pooled_effect",
     "marked_first",
+    "paired_rows",
     "pooled_diff_sd",
     "pooled_effect",
     "summarize_paired",
@@ -125,6 +126,25 @@ def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dic
             entry["diff_se_pooled"] = sd / math.sqrt(len(entry["paired_diff"]))
             entry["pooled_sd"], entry["pooled_df"] = sd, df
     return out
+
+
+def paired_rows(
+    summary: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """The paired differences per seed and the pooled SE of every variant of
+    :func:`summarize_paired` that has them, as ``rch.viz.figures.plot_paired_differences``
+    takes them; both empty without a paired variant.
+
+    Example:
+        >>> run = lambda m: {"mIoU": m, "IoU": {}}
+        >>> paired_rows(summarize_paired({"baseline": {0: run(0.5)}, "x": {0: run(0.625)}}))
+        ({'x': [12.5]}, {'x': nan})
+    """
+    paired = {name: e for name, e in summary.items() if e.get("paired_diff")}
+    return (
+        {name: list(e["paired_diff"]) for name, e in paired.items()},
+        {name: e["diff_se_pooled"] for name, e in paired.items()},
+    )
 
 
 def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] | None:
