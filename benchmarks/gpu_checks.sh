@@ -2,7 +2,9 @@
 # The checks that need a CUDA GPU, as one script: the core's tests on CUDA (fp16 autocast
 # and the no-host-sync check included), a short fp16-AMP training run, the training-step
 # cost at the paper's crop (512 x 1024, AMP fp16; with and without rch.validate) and the
-# loss cost on the GPU. About 8 minutes on an H100.
+# loss cost on the GPU, and what is live at the step's memory peak (gpu_memory.py). Most
+# important first: a lent machine's time may end before the last step. About 8 minutes on
+# an H100. The step logs end up in OUT/logs.tar.gz (a lent machine returns at most 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
 set -uo pipefail
@@ -22,16 +24,19 @@ step() {  # step NAME SECONDS CMD...: run, log to OUT/NAME.log, remember a failu
 }
 nvidia-smi -L
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-step cuda_tests 150 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
+step train_cost_novalidate 200 "$py" benchmarks/train_cost.py --device cuda --amp fp16 \
+    --crop 512 1024 --reps 20 --no-validate --out "$out/train_cost_cuda_fp16_novalidate.json"
+step cuda_tests 120 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
     -o addopts="" tests/test_functional.py tests/test_loss.py tests/test_properties.py \
     tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py
-step train_cost 220 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --crop 512 1024 \
-    --reps 20 --out "$out/train_cost_cuda_fp16.json"
-step train_cost_novalidate 220 "$py" benchmarks/train_cost.py --device cuda --amp fp16 \
-    --crop 512 1024 --reps 20 --no-validate --out "$out/train_cost_cuda_fp16_novalidate.json"
-step amp_train 60 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progress --overwrite \
+step gpu_memory 90 "$py" benchmarks/gpu_memory.py --validate-off --out "$out/gpu_memory.json"
+step loss_cost 90 "$py" benchmarks/loss_cost.py --device cuda --reps 20 --pairwise-reps 3 \
+    --out "$out/loss_cost_cuda.json"
+step amp_train 40 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progress --overwrite \
     --set train.device=cuda --set train.amp=fp16 --set train.iters=60 \
     --set train.out_dir=/tmp/rch-gpu-runs
-step loss_cost 100 "$py" benchmarks/loss_cost.py --device cuda --reps 20 --pairwise-reps 3 \
-    --out "$out/loss_cost_cuda.json"
+step train_cost 200 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --crop 512 1024 \
+    --reps 20 --out "$out/train_cost_cuda_fp16.json"
+tar -C "$out" -czf "$out/logs.tar.gz" $(cd "$out" && ls *.log)
+rm -f "$out"/*.log
 exit $status

@@ -201,9 +201,14 @@ def test_loss_scaling_quick_fits_slopes(tmp_path: Path):
 
 
 def _camvid_module():
+    return _bench_module("camvid")
+
+
+def _bench_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("camvid_bench", ROOT / "benchmarks" / "camvid.py")
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -337,3 +342,77 @@ def test_prototype_forces_reads_trained_runs(tmp_path: Path):
     assert all(math.isfinite(r["pull_step_own"][k] + r["push_step_own"][k]) for k in present)
     refused = subprocess.run([*cmd[:2], str(base_run)], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "without RCH" in refused.stderr
+
+
+def _alloc(addr: int, size: int, *files: str) -> dict[str, Any]:
+    frames = [{"filename": f, "line": 7, "name": "fn"} for f in files]
+    return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+
+def _free(addr: int, size: int, action: str = "free_completed") -> dict[str, Any]:
+    return {"action": action, "addr": addr, "size": size, "frames": []}
+
+
+def test_gpu_memory_replays_the_peak_and_groups_what_is_live():
+    gm = _bench_module("gpu_memory")
+    rch_line = "/r/src/rch/_fused.py"
+    trace = [
+        _free(90, 30),  # a block from before the recording: lowers the running total
+        _alloc(1, 40, "/s/torch/nn/functional.py", "/s/torchvision/models/resnet.py"),
+        _alloc(2, 25, rch_line),
+        _free(2, 25, "free_requested"),  # requested only: still counted, still live
+        _alloc(3, 10),  # no Python frame: the autograd engine's thread
+        _free(1, 40),
+        _alloc(4, 20, rch_line),  # after the peak
+    ]
+    peak, at, live = gm.replay_peak(trace, start_bytes=100)
+    assert (peak, at) == (100 - 30 + 40 + 25 + 10, 4)
+    assert sorted(e["addr"] for e in live) == [1, 2, 3]
+    groups = gm.breakdown(live, 100)
+    assert groups == {
+        gm.BEFORE: 100,
+        "torchvision/models/resnet.py fn": 40,
+        "rch/_fused.py:7 fn": 25,
+        gm.BACKWARD: 10,
+    }
+    assert gm.largest(live, gm.BACKWARD) == [10]
+    # a trace that never rises above the start: the peak is the start, nothing recorded live
+    assert gm.replay_peak([_free(1, 5), _alloc(2, 5)], start_bytes=50) == (50, -1, [])
+
+
+def test_gpu_memory_compares_by_the_largest_difference():
+    gm = _bench_module("gpu_memory")
+    mib = 2**20
+
+    def result(groups: dict[str, float]) -> dict[str, Any]:
+        peak = sum(groups.values())
+        return {
+            "peak_mib": peak,
+            "max_memory_allocated_mib": peak,
+            "events": 9,
+            "peak_event": 3,
+            "peak_label": gm.BACKWARD,
+            "groups_mib": groups,
+            "largest_blocks_mib": {gm.BACKWARD: [64.0, 2.0 / mib]},
+        }
+
+    base = result({gm.BEFORE: 500.0, "a.py f": 100.0, gm.BACKWARD: 10.0})
+    rch = result({gm.BEFORE: 502.0, "a.py f": 100.0, gm.BACKWARD: 74.0, "rch/x.py:3 g": 8.0})
+    rows = gm.compare(base, rch, 3)
+    assert rows == [
+        (gm.BACKWARD, 10.0, 74.0),
+        ("rch/x.py:3 g", 0.0, 8.0),
+        (gm.BEFORE, 500.0, 502.0),
+    ]
+    text = gm.format_network("net", base, rch, 3)
+    assert "peak 610.0 MiB baseline, 684.0 MiB RCH (+12.1%)" in text
+    assert "+64.0" in text and "a.py f" not in text  # equal groups fall off the short list
+    assert "blocks live at the peak (MiB): 64.0, 0.0" in text
+
+
+def test_gpu_memory_refuses_without_cuda(monkeypatch, capsys):
+    gm = _bench_module("gpu_memory")
+    monkeypatch.setattr(gm.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        gm.main(["--networks", "segformer_b0"])
+    assert exc.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
