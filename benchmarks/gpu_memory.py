@@ -2,14 +2,15 @@
 
 ``train_cost.py`` gives each variant's peak (``torch.cuda.max_memory_allocated``); this
 script says what is live at that peak. For each network it builds the baseline and the RCH
-model as ``train_cost.py`` does, runs two warm-up steps, then records the CUDA caching
-allocator's history (``torch.cuda.memory._record_memory_history``) over one more step.
-Replaying the recorded events gives the step's peak, the event that reached it and every
-block live at that moment, grouped by where it was allocated: the innermost Python frame
-outside torch (RCH's own lines by file and line), "autograd backward" for blocks that the
-autograd engine's thread allocated (no Python frame), and "held before the step" for
-parameters and optimiser state. The table lists the groups whose bytes differ most between
-the two variants. CUDA only.
+model as ``train_cost.py`` does, runs one warm-up step, then records the CUDA caching
+allocator's history (``torch.cuda.memory._record_memory_history``) over two more steps.
+Replaying the recorded events gives the last step's peak, the event that reached it and
+every block live at that moment, grouped by where it was allocated: the innermost Python
+frame outside torch (RCH's own lines by file and line), "autograd backward" for blocks that
+the autograd engine's thread allocated (no Python frame), "earlier step: ..." for blocks
+that the step before left live, and "held before the step" for what was allocated before
+the recording (parameters, optimiser state). The table lists the groups whose bytes differ
+most between the two variants. CUDA only.
 
 Run: ``python benchmarks/gpu_memory.py [--networks deeplabv3_resnet50 hrnet_w18_ocr]
 [--crop 512 1024] [--amp fp16]``
@@ -21,7 +22,8 @@ import argparse
 import gc
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +38,20 @@ BACKWARD = "autograd backward"
 MIB = 2**20
 
 
-def frame_label(frames: Sequence[Mapping[str, Any]]) -> str:
-    """Where a block was allocated: its innermost Python frame outside torch itself.
+TORCH_DIR = str(Path(torch.__file__).resolve().parent) + "/"
+EARLIER = "earlier step: "
+
+
+def frame_label(frames: Sequence[Mapping[str, Any]], skip: str = TORCH_DIR) -> str:
+    """Where a block was allocated: its innermost Python frame outside torch itself (files
+    under ``skip``, torch's own folder by default).
 
     RCH's own frames are named by file and line; others by file and function. A block
     with no such frame was allocated by the autograd engine's thread.
 
     >>> frame_label([{"filename": "/x/torch/nn/functional.py", "line": 5, "name": "conv"},
-    ...              {"filename": "/x/src/rch/loss.py", "line": 40, "name": "rch_loss"}])
+    ...              {"filename": "/x/src/rch/loss.py", "line": 40, "name": "rch_loss"}],
+    ...             skip="/x/torch/")
     'rch/loss.py:40 rch_loss'
     >>> frame_label([{"filename": "/s/torchvision/models/resnet.py", "line": 9, "name": "forward"}])
     'torchvision/models/resnet.py forward'
@@ -52,7 +60,7 @@ def frame_label(frames: Sequence[Mapping[str, Any]]) -> str:
     """
     for frame in frames:
         name = str(frame.get("filename", ""))
-        if not name.endswith(".py") or "/torch/" in name or name.startswith("<"):
+        if not name.endswith(".py") or name.startswith((skip, "<")):
             continue
         parts = Path(name).parts
         if "rch" in parts:
@@ -62,88 +70,122 @@ def frame_label(frames: Sequence[Mapping[str, Any]]) -> str:
     return BACKWARD
 
 
+@dataclass
+class Peak:
+    """What :func:`replay_peak` finds: the peak, the event that reached it, the blocks
+    live then (``alloc`` events, with the index of each), and how many bytes of the blocks
+    allocated before the recording began were still live then."""
+
+    bytes: int
+    event: int
+    live: list[tuple[int, Mapping[str, Any]]]
+    before: int
+
+
 def replay_peak(
-    trace: Sequence[Mapping[str, Any]], start_bytes: int = 0
-) -> tuple[int, int, list[Mapping[str, Any]]]:
-    """Replay allocator events: the peak allocated bytes, the index of the event that reached
-    it (-1 if none rose above ``start_bytes``) and the ``alloc`` events still live then.
+    trace: Sequence[Mapping[str, Any]], start_bytes: int = 0, from_event: int = 0
+) -> Peak:
+    """Replay allocator events and find the peak of allocated bytes at or after event
+    ``from_event`` (the step being measured; earlier events are the step before it).
 
     A block counts from its ``alloc`` until its ``free_completed`` (when the allocator may
-    reuse it), as ``torch.cuda.memory_allocated`` counts it. Frees of blocks allocated
-    before the recording began lower the total, which ``start_bytes`` includes.
+    reuse it), as ``torch.cuda.memory_allocated`` counts it. ``start_bytes`` is what was
+    allocated when the recording began; frees of those blocks lower it. With no rise at or
+    after ``from_event``, the peak is the total there and its event is ``from_event - 1``.
 
     >>> t = [{"action": "alloc", "addr": 1, "size": 10}, {"action": "alloc", "addr": 2, "size": 5},
-    ...      {"action": "free_completed", "addr": 1, "size": 10},
-    ...      {"action": "alloc", "addr": 3, "size": 4}]
-    >>> peak, at, live = replay_peak(t, start_bytes=100)
-    >>> peak, at, sorted(e["addr"] for e in live)
-    (115, 1, [1, 2])
+    ...      {"action": "free_completed", "addr": 9, "size": 30},
+    ...      {"action": "alloc", "addr": 3, "size": 40},
+    ...      {"action": "free_completed", "addr": 3, "size": 40}]
+    >>> p = replay_peak(t, start_bytes=100)
+    >>> p.bytes, p.event, [i for i, _ in p.live], p.before
+    (125, 3, [0, 1, 3], 70)
     """
-    current = peak = start_bytes
-    at = -1
+    current = start_bytes
+    at = from_event - 1
+    peak: int | None = None
     for i, event in enumerate(trace):
+        if i == from_event:
+            peak = current
         if event["action"] == "alloc":
             current += int(event["size"])
-            if current > peak:
+            if peak is not None and current > peak:
                 peak, at = current, i
         elif event["action"] == "free_completed":
             current -= int(event["size"])
-    live: dict[int, Mapping[str, Any]] = {}
-    for event in trace[: at + 1]:
+    live: dict[int, tuple[int, Mapping[str, Any]]] = {}
+    before = start_bytes
+    for i, event in enumerate(trace[: at + 1]):
         if event["action"] == "alloc":
-            live[int(event["addr"])] = event
-        elif event["action"] == "free_completed":
-            live.pop(int(event["addr"]), None)
-    return peak, at, list(live.values())
+            live[int(event["addr"])] = (i, event)
+        elif event["action"] == "free_completed" and live.pop(int(event["addr"]), None) is None:
+            before -= int(event["size"])  # a block allocated before the recording
+    return Peak(current if peak is None else peak, at, sorted(live.values(), key=_first), before)
 
 
-def breakdown(live: Iterable[Mapping[str, Any]], start_bytes: int) -> dict[str, int]:
-    """Bytes live at the peak by where they were allocated (see :func:`frame_label`)."""
-    groups: Counter[str] = Counter({BEFORE: start_bytes})
-    for event in live:
-        groups[frame_label(event.get("frames", []))] += int(event["size"])
+def _first(item: tuple[int, Mapping[str, Any]]) -> int:
+    return item[0]
+
+
+def block_label(index: int, event: Mapping[str, Any], from_event: int) -> str:
+    """:func:`frame_label`, marked when the block comes from the step before the measured one."""
+    label = frame_label(event.get("frames", []))
+    return label if index >= from_event else EARLIER + label
+
+
+def breakdown(peak: Peak, from_event: int = 0) -> dict[str, int]:
+    """Bytes live at the peak by where they were allocated (see :func:`block_label`)."""
+    groups: Counter[str] = Counter({BEFORE: peak.before})
+    for index, event in peak.live:
+        groups[block_label(index, event, from_event)] += int(event["size"])
     return dict(groups)
 
 
-def largest(live: Iterable[Mapping[str, Any]], label: str, n: int = 6) -> list[int]:
+def largest(peak: Peak, label: str, from_event: int = 0, n: int = 6) -> list[int]:
     """The sizes (bytes) of the ``n`` largest live blocks of one group, largest first."""
-    sizes = [int(e["size"]) for e in live if frame_label(e.get("frames", [])) == label]
+    sizes = [int(e["size"]) for i, e in peak.live if block_label(i, e, from_event) == label]
     return sorted(sizes, reverse=True)[:n]
 
 
 def record_step(name: str, rch: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """Peak of one recorded training step and what is live at it."""
+    """Peak of one recorded training step and what is live at it. The step before it is
+    recorded too, so that blocks it leaves live are named."""
     cfg, net, opt = build(name, rch, args.crop, args.amp, "cuda", not args.validate_off)
     x, y = batch(args, "cuda")
-    for _ in range(2):
-        step(cfg, net, opt, x, y, amp_dtype(args.amp), "cuda")
-    opt.zero_grad(set_to_none=True)
+    step(cfg, net, opt, x, y, amp_dtype(args.amp), "cuda")
     gc.collect()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=args.max_entries, stacks="python")
     try:
+        step(cfg, net, opt, x, y, amp_dtype(args.amp), "cuda")
+        from_event = len(
+            torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        )
+        torch.cuda.reset_peak_memory_stats()
         step(cfg, net, opt, x, y, amp_dtype(args.amp), "cuda")
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
     trace = snap["device_traces"][torch.cuda.current_device()]
-    peak, at, live = replay_peak(trace, start)
-    groups = breakdown(live, start)
-    by_size = {label: largest(live, label) for label in groups if label != BEFORE}
+    peak = replay_peak(trace, start, from_event)
+    groups = breakdown(peak, from_event)
+    at = trace[peak.event] if peak.event >= 0 else {}
     result = {
-        "peak_mib": peak / MIB,
+        "peak_mib": peak.bytes / MIB,
         "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
         "start_mib": start / MIB,
-        "events": len(trace),
-        "peak_event": at,
-        "peak_label": frame_label(trace[at].get("frames", [])) if at >= 0 else BEFORE,
+        "events": len(trace) - from_event,
+        "peak_event": peak.event - from_event,
+        "peak_label": frame_label(at.get("frames", [])) if at else BEFORE,
+        "peak_block_mib": int(at.get("size", 0)) / MIB,
         "groups_mib": {k: v / MIB for k, v in groups.items()},
-        "largest_blocks_mib": {k: [s / MIB for s in v] for k, v in by_size.items()},
+        "largest_blocks_mib": {
+            k: [b / MIB for b in largest(peak, k, from_event)] for k in groups if k != BEFORE
+        },
         "truncated": len(trace) >= args.max_entries,
     }
-    del cfg, net, opt, x, y, snap, trace, live
+    del cfg, net, opt, x, y, snap, trace, peak
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -162,18 +204,18 @@ def format_network(name: str, base: dict[str, Any], rch: dict[str, Any], rows: i
         f"({rch['peak_mib'] / base['peak_mib'] - 1:+.1%}); max_memory_allocated "
         f"{base['max_memory_allocated_mib']:.1f} / {rch['max_memory_allocated_mib']:.1f}",
         f"peak reached by: baseline '{base['peak_label']}' (event {base['peak_event']} of "
-        f"{base['events']}), RCH '{rch['peak_label']}' (event {rch['peak_event']} of "
-        f"{rch['events']})",
+        f"{base['events']}, {base['peak_block_mib']:.1f} MiB), RCH '{rch['peak_label']}' "
+        f"(event {rch['peak_event']} of {rch['events']}, {rch['peak_block_mib']:.1f} MiB)",
         f"{'live at the peak, allocated by':60s} {'base MiB':>9s} {'RCH MiB':>9s} {'diff':>8s}",
     ]
     for label, a, b in compare(base, rch, rows):
         lines.append(f"{label[:60]:60s} {a:9.1f} {b:9.1f} {b - a:+8.1f}")
-    for variant, res in (("baseline", base), ("RCH", rch)):
-        blocks = res["largest_blocks_mib"].get(BACKWARD, [])
-        lines.append(
-            f"{variant}: largest '{BACKWARD}' blocks live at the peak (MiB): "
-            + ", ".join(f"{s:.1f}" for s in blocks)
-        )
+    for label, _, _ in compare(base, rch, 4):
+        for variant, res in (("baseline", base), ("RCH", rch)):
+            blocks = res["largest_blocks_mib"].get(label, [])
+            if blocks:
+                sizes = ", ".join(f"{s:.1f}" for s in blocks)
+                lines.append(f"  {variant} '{label[:50]}': largest blocks (MiB) {sizes}")
     return "\n".join(lines)
 
 

@@ -211,6 +211,7 @@ def _bench_module(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module
 
@@ -357,27 +358,46 @@ def test_gpu_memory_replays_the_peak_and_groups_what_is_live():
     gm = _bench_module("gpu_memory")
     rch_line = "/r/src/rch/_fused.py"
     trace = [
-        _free(90, 30),  # a block from before the recording: lowers the running total
-        _alloc(1, 40, "/s/torch/nn/functional.py", "/s/torchvision/models/resnet.py"),
+        _alloc(7, 6, "/r/src/rch/hooks.py"),  # the step before: still live at the peak
+        _alloc(8, 3, "/r/src/rch/hooks.py"),  # the step before: freed before the peak
+        _free(8, 3),
+        _free(90, 30),  # a block from before the recording: lowers what was held before
+        _alloc(1, 40, gm.TORCH_DIR + "nn/functional.py", "/s/torchvision/models/resnet.py"),
         _alloc(2, 25, rch_line),
         _free(2, 25, "free_requested"),  # requested only: still counted, still live
         _alloc(3, 10),  # no Python frame: the autograd engine's thread
         _free(1, 40),
         _alloc(4, 20, rch_line),  # after the peak
     ]
-    peak, at, live = gm.replay_peak(trace, start_bytes=100)
-    assert (peak, at) == (100 - 30 + 40 + 25 + 10, 4)
-    assert sorted(e["addr"] for e in live) == [1, 2, 3]
-    groups = gm.breakdown(live, 100)
+    peak = gm.replay_peak(trace, start_bytes=100, from_event=3)
+    assert (peak.bytes, peak.event, peak.before) == (100 + 6 - 30 + 40 + 25 + 10, 7, 70)
+    assert [e["addr"] for _, e in peak.live] == [7, 1, 2, 3]
+    groups = gm.breakdown(peak, from_event=3)
     assert groups == {
-        gm.BEFORE: 100,
+        gm.BEFORE: 70,
+        gm.EARLIER + "rch/hooks.py:7 fn": 6,
         "torchvision/models/resnet.py fn": 40,
         "rch/_fused.py:7 fn": 25,
         gm.BACKWARD: 10,
     }
-    assert gm.largest(live, gm.BACKWARD) == [10]
-    # a trace that never rises above the start: the peak is the start, nothing recorded live
-    assert gm.replay_peak([_free(1, 5), _alloc(2, 5)], start_bytes=50) == (50, -1, [])
+    assert sum(groups.values()) == peak.bytes
+    assert gm.largest(peak, gm.BACKWARD, from_event=3) == [10]
+    # the measured step's peak is its own: at least what it starts with, whatever came before
+    steps = [*trace[:2], _free(8, 3), _free(7, 6), _alloc(5, 4)]
+    assert gm.replay_peak([_alloc(9, 50), _free(9, 50), *steps], 100, from_event=5).bytes == 106
+    second = gm.replay_peak([*steps, _alloc(6, 5)], 100, from_event=3)
+    assert (second.bytes, second.event, second.before) == (100 + 4 + 5, 5, 100)
+    assert [e["addr"] for _, e in second.live] == [5, 6]
+    # a step that never rises above where it starts: the peak is its start
+    flat = gm.replay_peak([_alloc(1, 5), _free(1, 5), _free(90, 10)], start_bytes=50, from_event=2)
+    assert (flat.bytes, flat.event, flat.live) == (50, 1, [])
+    assert gm.replay_peak([], 7) == gm.Peak(7, -1, [], 7)
+
+
+def test_gpu_memory_doctests_pass():
+    import doctest
+
+    assert doctest.testmod(_bench_module("gpu_memory")).failed == 0
 
 
 def test_gpu_memory_compares_by_the_largest_difference():
@@ -392,6 +412,7 @@ def test_gpu_memory_compares_by_the_largest_difference():
             "events": 9,
             "peak_event": 3,
             "peak_label": gm.BACKWARD,
+            "peak_block_mib": 64.0,
             "groups_mib": groups,
             "largest_blocks_mib": {gm.BACKWARD: [64.0, 2.0 / mib]},
         }
@@ -407,7 +428,7 @@ def test_gpu_memory_compares_by_the_largest_difference():
     text = gm.format_network("net", base, rch, 3)
     assert "peak 610.0 MiB baseline, 684.0 MiB RCH (+12.1%)" in text
     assert "+64.0" in text and "a.py f" not in text  # equal groups fall off the short list
-    assert "blocks live at the peak (MiB): 64.0, 0.0" in text
+    assert "RCH 'autograd backward': largest blocks (MiB) 64.0, 0.0" in text
 
 
 def test_gpu_memory_refuses_without_cuda(monkeypatch, capsys):

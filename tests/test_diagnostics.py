@@ -100,7 +100,8 @@ def test_training_logs_per_class_stats_and_a_summary(tmp_path):
 
 def naive_forces(emb, labels, protos, tau, ignore=255):
     """Per-pixel loops: the pull and push weights and the autograd gradient of each pixel's
-    cross-entropy split by whether the pixel belongs to the prototype's class."""
+    cross-entropy split by whether the pixel belongs to the prototype's class (on the CPU)."""
+    emb, labels, protos = emb.cpu(), labels.cpu(), protos.cpu()
     b, d, h, w = emb.shape
     k = protos.shape[0]
     pull, push = [0.0] * k, [0.0] * k
@@ -135,11 +136,11 @@ def test_prototype_forces_match_per_pixel_loops_and_autograd(tau):
     pull, push, pull_grad, push_grad, own_sum = naive_forces(
         c.embeddings, c.labels, c.prototypes, tau
     )
-    torch.testing.assert_close(f.pull, torch.tensor(pull, dtype=torch.float64))
-    torch.testing.assert_close(f.push, torch.tensor(push, dtype=torch.float64))
-    torch.testing.assert_close(f.pull_grad, pull_grad)
-    torch.testing.assert_close(f.push_grad, push_grad)
-    torch.testing.assert_close(f.own_sum, own_sum)
+    torch.testing.assert_close(f.pull.cpu(), torch.tensor(pull, dtype=torch.float64))
+    torch.testing.assert_close(f.push.cpu(), torch.tensor(push, dtype=torch.float64))
+    torch.testing.assert_close(f.pull_grad.cpu(), pull_grad)
+    torch.testing.assert_close(f.push_grad.cpu(), push_grad)
+    torch.testing.assert_close(f.own_sum.cpu(), own_sum)
     assert f.count.tolist() == [int((c.labels == k).sum()) for k in range(3)]
     # each pixel's softmax sums to one: what its own prototype lacks, the others hold
     torch.testing.assert_close(f.pull.sum(), f.push.sum())
@@ -165,7 +166,7 @@ def test_prototype_forces_add_over_batches_and_align():
     # all-pixel direction is the sum of every class's unit embeddings
     means = F.normalize(whole.own_sum, dim=1)
     own, everything = whole.alignment(means * 3.0)
-    torch.testing.assert_close(own, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(own, torch.ones(3, dtype=torch.float64, device=own.device))
     torch.testing.assert_close(everything, means @ F.normalize(whole.own_sum.sum(0), dim=0))
     # a class with no pixel has no own direction
     absent = make_case(5, batch=1, dim=3, classes=3, size=(3, 3), absent=(1,))

@@ -82,6 +82,21 @@ def test_resize_logits_equals_interpolate(h_in, w_in, h_out, w_out, half):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_resize_logits_never_copies_the_map_whole(dtype):
+    """A downsampling allocates the gathered 2x2 taps of each output pixel at most: here
+    (1, 4, 16, 16) float32 (4 KiB), against 64 KiB for a float32 copy of the input."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(1, 4, 64, 64).to(dtype)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = resize_logits(x, (8, 8), torch.float32)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest <= 4 * 16 * 16 * 4
+    want = torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="bilinear")
+    torch.testing.assert_close(out, want)
+
+
 def test_pixel_sets_by_hand():
     y = torch.tensor([[[0, 1], [1, 255]]])
     p = torch.tensor([[[0, 0], [1, 1]]])

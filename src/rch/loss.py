@@ -80,7 +80,9 @@ def _official_term(
     centres = unit(sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype))
     centres = torch.cat([centres, centres.new_zeros(1, centres.shape[1])])
     per_image = count_bins(bin_index, bins + 1)
-    per_image[bins] = 0  # the spare bin: ignored anchors, and the pixels that are no error
+    # the spare bin: ignored anchors, and the pixels that are no error (a slice, not
+    # `[bins] = 0`: that copies a host scalar to the device, a synchronisation)
+    per_image[bins:].zero_()
     anchor = torch.where(sets.valid, sets.image * k + sets.label, bins)
     return _gather_dot(units, centres, sets.label), per_image[anchor] > 0
 

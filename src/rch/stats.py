@@ -75,29 +75,35 @@ def resize_logits(
     """Bilinear resize (``align_corners=False``) of ``(B, K, h, w)`` logits (no-op if equal),
     computed and returned in ``dtype`` (default: the logits' own).
 
-    A downsampling reads only the two source rows and columns around each output pixel,
-    before the cast: a half-precision ``(B, K, H, W)`` map at the label resolution is never
-    copied whole to float32 (on a GPU with AMP that copy was a large part of RCH's peak
-    memory). The result equals ``F.interpolate`` in ``dtype`` up to rounding.
+    A downsampling reads only the two source rows and columns around each output pixel, in
+    one gather and before the cast: a ``(B, K, H, W)`` map at the label resolution is never
+    copied whole, to float32 or otherwise (on a GPU with AMP that copy was a large part of
+    RCH's peak memory; ``F.interpolate`` copies its input on the CPU, and two gathers one
+    axis at a time held half of it). The result equals ``F.interpolate`` in ``dtype`` up to
+    rounding.
     """
     dtype = dtype or logits.dtype
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits.to(dtype)
     if size[0] > logits.shape[-2] or size[1] > logits.shape[-1]:
         return F.interpolate(logits.to(dtype), size=size, mode="bilinear", align_corners=False)
-    taps = {}
+    lines, fracs = [], []
     for dim, n_out in ((2, size[0]), (3, size[1])):
-        if logits.shape[dim] != n_out:
-            taps[dim] = _bilinear_taps(logits.shape[dim], n_out, logits.device, dtype)
-    picked = logits  # both axes' source lines first, in the logits' own dtype; then the cast
-    for dim, (lo, hi, _) in taps.items():
-        picked = picked.index_select(dim, torch.cat([lo, hi]))
-    out = picked.to(dtype)
-    for dim, (_, _, frac) in taps.items():
-        first, second = out.split(frac.shape[0], dim)
-        shape = [1, 1, 1, 1]
-        shape[dim] = frac.shape[0]
-        out = torch.lerp(first, second, frac.view(shape))
+        if logits.shape[dim] == n_out:
+            lines.append(torch.arange(n_out, device=logits.device))
+            fracs.append(None)
+        else:
+            lo, hi, frac = _bilinear_taps(logits.shape[dim], n_out, logits.device, dtype)
+            lines.append(torch.cat([lo, hi]))
+            fracs.append(frac)
+    # both axes' source lines in one gather, in the logits' own dtype; then the cast
+    out = logits[:, :, lines[0][:, None], lines[1]].to(dtype)
+    for dim, frac in ((2, fracs[0]), (3, fracs[1])):
+        if frac is not None:
+            first, second = out.split(frac.shape[0], dim)
+            shape = [1, 1, 1, 1]
+            shape[dim] = frac.shape[0]
+            out = torch.lerp(first, second, frac.view(shape))
     return out
 
 
