@@ -152,6 +152,43 @@ def test_loss_before_forward_and_twice_raise():
         model.rch_loss(logits, y)
 
 
+def test_projection_gradient_comes_after_the_layers_above_the_feature():
+    """The hook embeds the feature during the forward pass, so in the backward pass the
+    projection's gradient of F is computed after the network's layers above F (when their
+    activations are freed), not first; the loss and every gradient are as if the head had
+    embedded the feature inside rch_loss."""
+    torch.manual_seed(0)
+    net = HandWritten()
+    model = rch.attach(copy.deepcopy(net), "body", num_classes=K, embed_dim=8)
+    late = copy.deepcopy(model)
+    x, y = _batch()
+    order: list[str] = []
+    model.head.projection[0].weight.register_hook(lambda g: order.append("projection"))
+    model.model.head.weight.register_hook(lambda g: order.append("above F"))
+    model.model.body[0].weight.register_hook(lambda g: order.append("below F"))
+    logits = model(x)
+    made_early = model._hook.embedding is not None  # in the forward pass
+    out = model.rch_loss(logits, y)
+    (F.cross_entropy(logits, y) + out.loss).backward()
+    assert order == ["above F", "projection", "below F"]
+    assert made_early
+    # the same loss and gradients when the embedding is made inside rch_loss
+    logits_late = late(x)
+    late._hook.embedding = None
+    out_late = late.rch_loss(logits_late, y)
+    (F.cross_entropy(logits_late, y) + out_late.loss).backward()
+    torch.testing.assert_close(out.loss, out_late.loss)
+    for (name, a), b in zip(model.named_parameters(), late.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    # no embedding is made in evaluation or without gradients
+    with torch.no_grad():
+        model(x)
+    assert model._hook.embedding is None and model._hook.feature is not None
+    model.eval()
+    model(x)
+    assert model._hook.embedding is None
+
+
 def test_unknown_layer_lists_names():
     with pytest.raises(KeyError, match=r"no submodule named 'bod'.*body"):
         rch.attach(HandWritten(), "bod", num_classes=K)

@@ -220,7 +220,16 @@ class RCHHead(nn.Module):
         """Embed ``features`` and return the weighted RCH loss; in training mode also update
         the prototypes and advance the step counter. ``loss_mask``: see
         :func:`rch.functional.rch_loss` (the pixels whose loss counts, e.g. OHEM's)."""
-        embeddings = self.embed(features)
+        return self.forward_embedded(self.embed(features), seg_logits, labels, loss_mask)
+
+    def forward_embedded(
+        self,
+        embeddings: Tensor,
+        seg_logits: Tensor,
+        labels: Tensor,
+        loss_mask: Tensor | None = None,
+    ) -> RCHHeadOutput:
+        """:meth:`forward` from embeddings already made by :meth:`embed` (``(B, D, h, w)``)."""
         if self.training and self.warming_up:
             self.step += 1
             zero = embeddings.sum() * 0.0

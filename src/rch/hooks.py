@@ -52,14 +52,22 @@ def _select(output: Any, select: FeatureSelector, layer: str) -> Tensor:
 
 
 class _FeatureHook:
-    """Forward hook that keeps the last selected feature; it never changes the output."""
+    """Forward hook that keeps the last selected feature; it never changes the output.
 
-    def __init__(self, layer: str, select: FeatureSelector) -> None:
-        self.layer, self.select = layer, select
+    Given a ``head`` in training mode, with gradients on, it also projects the feature to
+    the head's embedding right away (see :meth:`RCHAttachment.rch_loss` for why).
+    """
+
+    def __init__(self, layer: str, select: FeatureSelector, head: RCHHead | None = None) -> None:
+        self.layer, self.select, self.head = layer, select, head
         self.feature: Tensor | None = None
+        self.embedding: Tensor | None = None
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self.feature = _select(output, self.select, self.layer)
+        self.embedding = None
+        if self.head is not None and self.head.training and torch.is_grad_enabled():
+            self.embedding = self.head.embed(self.feature)
 
 
 class RCHAttachment(nn.Module):
@@ -80,7 +88,7 @@ class RCHAttachment(nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.head, self.layer = model, head, layer
-        self._hook = _FeatureHook(layer, select)
+        self._hook = _FeatureHook(layer, select, head)
         self._handle = model.get_submodule(layer).register_forward_hook(self._hook)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -101,17 +109,26 @@ class RCHAttachment(nn.Module):
         ``loss_mask`` (``(B, H, W)`` bool, optional): the pixels whose loss counts, e.g. the
         ones the segmentation loss's OHEM keeps; the statistics still use every labelled pixel.
 
+        In a training forward pass (head in training mode, gradients on) the hook projects
+        the feature as soon as the layer returns it, so the projection's autograd node comes
+        before the rest of the network's. The backward pass runs later nodes first, so the
+        projection's gradient of ``F`` (a tensor as large as ``F``) is computed after the
+        network's own layers above ``F`` have freed their activations, not at the start of
+        the backward pass when every activation is still held. The loss is the same.
+
         Raises:
             RCHError: no forward pass ran since the last call.
         """
-        feature = self._hook.feature
+        feature, embedding = self._hook.feature, self._hook.embedding
         if feature is None:
             raise RCHError(
                 f"no feature captured from layer {self.layer!r}: run the model's forward pass "
                 "before asking for the RCH loss (one loss call per forward pass)."
             )
-        self._hook.feature = None
-        out: RCHHeadOutput = self.head(feature, seg_logits, labels, loss_mask)
+        self._hook.feature = self._hook.embedding = None
+        if embedding is None or not self.head.training:
+            embedding = self.head.embed(feature)
+        out: RCHHeadOutput = self.head.forward_embedded(embedding, seg_logits, labels, loss_mask)
         return out
 
     def export(self) -> nn.Module:
