@@ -173,8 +173,8 @@ def test_projection_gradient_comes_after_the_layers_above_the_feature():
     assert order == ["above F", "projection", "below F"]
     assert made_early
     # the same loss and gradients when the embedding is made inside rch_loss
+    late._hook.head = None  # the hook keeps the feature; rch_loss embeds it
     logits_late = late(x)
-    late._hook.embedding = None
     out_late = late.rch_loss(logits_late, y)
     (F.cross_entropy(logits_late, y) + out_late.loss).backward()
     torch.testing.assert_close(out.loss, out_late.loss)
@@ -187,6 +187,33 @@ def test_projection_gradient_comes_after_the_layers_above_the_feature():
     model.eval()
     model(x)
     assert model._hook.embedding is None
+
+
+class Concat(nn.Module):
+    """Float32 out whatever comes in, as an upsampling under autocast (HRNet's resize-concat)."""
+
+    def forward(self, x):
+        return torch.cat([x, 2 * x], dim=1).float()
+
+
+def test_a_training_forward_keeps_the_embedding_not_the_features_base():
+    """A feature that is a view (here a channel slice of a concatenation) does not keep its
+    base alive once embedded: under autocast the projection saves a cast copy, and nothing
+    else holds the float32 concatenation (ReLU saves its output, not its input)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), Concat(), nn.ReLU(), nn.Conv2d(16, K, 1))
+    model = rch.attach(net, "1", num_classes=K, in_channels=8, select=lambda t: t[:, :8])
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, K, (2, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert model.feature is None and model._hook.embedding is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.rch_loss(logits, y)
+    (F.cross_entropy(logits.float(), y) + out.loss).backward()
+    assert model.head.projection[0].weight.grad is not None
+    with torch.no_grad():  # without an embedding the feature is kept as it was
+        model(x)
+    assert model.feature is not None and model.feature.shape == (2, 8, 8, 8)
 
 
 def test_unknown_layer_lists_names():

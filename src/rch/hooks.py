@@ -8,6 +8,7 @@ both); :func:`export` strips the hook and returns exactly the baseline network.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -55,19 +56,36 @@ class _FeatureHook:
     """Forward hook that keeps the last selected feature; it never changes the output.
 
     Given a ``head`` in training mode, with gradients on, it also projects the feature to
-    the head's embedding right away (see :meth:`RCHAttachment.rch_loss` for why).
+    the head's embedding right away (see :meth:`RCHAttachment.rch_loss` for why), and then
+    keeps only a weak reference to the feature: a feature that is a view (a channel slice of
+    a concatenation, say) would otherwise keep its whole base tensor alive until the loss.
     """
 
     def __init__(self, layer: str, select: FeatureSelector, head: RCHHead | None = None) -> None:
         self.layer, self.select, self.head = layer, select, head
-        self.feature: Tensor | None = None
+        self._feature: Tensor | weakref.ref[Tensor] | None = None
         self.embedding: Tensor | None = None
+        self.captured = False
+
+    @property
+    def feature(self) -> Tensor | None:
+        """The last selected feature (``None`` if none, or if only its embedding is kept and
+        nothing else holds it any more)."""
+        if isinstance(self._feature, weakref.ref):
+            return self._feature()
+        return self._feature
+
+    def clear(self) -> None:
+        self._feature, self.embedding, self.captured = None, None, False
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.feature = _select(output, self.select, self.layer)
-        self.embedding = None
+        feature = _select(output, self.select, self.layer)
+        self.embedding, self.captured = None, True
         if self.head is not None and self.head.training and torch.is_grad_enabled():
-            self.embedding = self.head.embed(self.feature)
+            self.embedding = self.head.embed(feature)
+            self._feature = weakref.ref(feature)
+        else:
+            self._feature = feature
 
 
 class RCHAttachment(nn.Module):
@@ -98,7 +116,8 @@ class RCHAttachment(nn.Module):
     @property
     def feature(self) -> Tensor | None:
         """The feature captured by the last forward pass (``None`` before one, or after
-        :meth:`rch_loss` consumed it)."""
+        :meth:`rch_loss` consumed it). After a training forward pass it is only weakly held
+        (its embedding is kept instead), so it is ``None`` once nothing else holds it."""
         return self._hook.feature
 
     def rch_loss(
@@ -120,13 +139,14 @@ class RCHAttachment(nn.Module):
             RCHError: no forward pass ran since the last call.
         """
         feature, embedding = self._hook.feature, self._hook.embedding
-        if feature is None:
+        if not self._hook.captured:
             raise RCHError(
                 f"no feature captured from layer {self.layer!r}: run the model's forward pass "
                 "before asking for the RCH loss (one loss call per forward pass)."
             )
-        self._hook.feature = self._hook.embedding = None
-        if embedding is None or not self.head.training:
+        self._hook.clear()
+        if embedding is None:
+            assert feature is not None  # held strongly when no embedding was made
             embedding = self.head.embed(feature)
         out: RCHHeadOutput = self.head.forward_embedded(embedding, seg_logits, labels, loss_mask)
         return out
@@ -244,7 +264,8 @@ def _channels_by_dry_run(
     finally:
         handle.remove()
         model.train(was_training)
-    feature, hook.feature = hook.feature, None
+    feature = hook.feature
+    hook.clear()
     return None if feature is None else int(feature.shape[1])
 
 
@@ -270,7 +291,7 @@ def export(model: nn.Module) -> nn.Module:
     for module in model.modules():
         for key, fn in list(module._forward_hooks.items()):
             if isinstance(fn, _FeatureHook):
-                fn.feature = None
+                fn.clear()
                 del module._forward_hooks[key]
     if isinstance(model, RCHAttachment):
         return model.model
