@@ -87,7 +87,8 @@ def resize_logits(
         return logits.to(dtype)
     if size[0] > logits.shape[-2] or size[1] > logits.shape[-1]:
         return F.interpolate(logits.to(dtype), size=size, mode="bilinear", align_corners=False)
-    lines, fracs = [], []
+    lines: list[Tensor] = []
+    fracs: list[Tensor | None] = []
     for dim, n_out in ((2, size[0]), (3, size[1])):
         if logits.shape[dim] == n_out:
             lines.append(torch.arange(n_out, device=logits.device))
