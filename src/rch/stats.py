@@ -99,12 +99,12 @@ def resize_logits(
             fracs.append(frac)
     # both axes' source lines in one gather, in the logits' own dtype; then the cast
     out = logits[:, :, lines[0][:, None], lines[1]].to(dtype)
-    for dim, frac in ((2, fracs[0]), (3, fracs[1])):
-        if frac is not None:
-            first, second = out.split(frac.shape[0], dim)
+    for dim, weight in ((2, fracs[0]), (3, fracs[1])):
+        if weight is not None:
+            first, second = out.split(weight.shape[0], dim)
             shape = [1, 1, 1, 1]
-            shape[dim] = frac.shape[0]
-            out = torch.lerp(first, second, frac.view(shape))
+            shape[dim] = weight.shape[0]
+            out = torch.lerp(first, second, weight.view(shape))
     return out
 
 
