@@ -425,3 +425,44 @@ def test_validate_false_skips_only_the_value_checks():
     assert out.loss.shape == ()  # computed, unchecked
     with pytest.raises(ValueError, match="seg_logits has 4 classes"):  # shapes: always
         rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes[:3], validate=False)
+
+
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_the_value_checks_read_back_once(monkeypatch, formulation):
+    """With ``validate=True`` (the default) the value checks of labels, logits, prototypes,
+    a momentum tensor and embeddings are read back together: one host read per loss
+    call, one synchronisation on a GPU, instead of one per check."""
+    from rch import stats
+
+    c = make_case(seed=33, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
+    momentum = torch.full((4,), 0.9, dtype=torch.float64, device=c.prototypes.device)
+    monkeypatch.setattr(stats, "COMPACT_ON", ())
+    monkeypatch.setattr(stats, "BINCOUNT_ON", ())
+    monkeypatch.setattr(stats, "SORTED_SUMS_ON", ())
+    args = (c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    with _HostReads() as spy:
+        out = rch_loss(*args, momentum=momentum, formulation=formulation)
+        _grads(out.loss + out.prototypes.sum(), c.embeddings)
+    assert spy.reads == ["__bool__"]
+    with _HostReads() as spy:  # a momentum tensor is checked with the values, not before
+        rch_loss(*args, momentum=momentum, formulation=formulation, validate=False)
+    assert spy.reads == []
+
+
+def test_a_failed_value_check_names_the_first_bad_input():
+    """When the one read-back says something is wrong, the full checks run in order and the
+    first bad input raises with its own message, before any label indexes anything."""
+    c = make_case(seed=34)
+    bad_labels, bad_emb = c.labels.clone(), c.embeddings.detach().clone()
+    bad_labels[0, 0, 0] = 7
+    bad_emb[1, 2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="labels holds values outside \\[0, 4\\)"):
+        rch_loss(bad_emb, c.seg_logits, bad_labels, c.prototypes)
+    with pytest.raises(ValueError, match="embeddings contains 1 non-finite value\\(s\\) \\(Inf\\)"):
+        rch_loss(bad_emb, c.seg_logits, c.labels, c.prototypes)
+    with pytest.raises(ValueError, match="momentum must lie in \\[0, 1\\)"):
+        momentum = torch.tensor([0.9, 1.0, 0.5, 0.2], device=c.prototypes.device)
+        rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes, momentum=momentum)
+    # a float32 sum that overflows although every entry is finite: no error
+    big = torch.full_like(c.seg_logits, 3e38)
+    assert torch.isfinite(rch_loss(c.embeddings, big, c.labels, c.prototypes).loss)

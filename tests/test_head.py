@@ -192,3 +192,26 @@ def test_head_accepts_a_bf16_feature_outside_autocast():
     feature = torch.randn(2, 4, 6, 6).bfloat16()
     out = head(feature, torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2, 6, 6)))
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("init", ["randn", "first"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_training_step_reads_back_at_most_twice(monkeypatch, init, validate):
+    """A training step's host reads (GPU synchronisations): with the value checks, two (the
+    features' check, then the loss's checks together); without, none. A prototype
+    momentum tensor (``prototype_init="first"``) adds none."""
+    from rch import stats
+
+    from .test_functional import _HostReads
+
+    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
+        monkeypatch.setattr(stats, name, ())
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, prototype_init=init, validate=validate).to(DEVICE)
+    c = make_case(seed=35, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
+    features = c.embeddings.detach().requires_grad_(True)
+    with _HostReads() as spy:
+        out = head(features, c.seg_logits, c.labels)
+        out.loss.backward()
+    assert spy.reads == (["__bool__", "__bool__"] if validate else [])
+    assert features.grad is not None and torch.isfinite(out.loss)

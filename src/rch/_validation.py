@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "PendingCheck",
     "check_finite",
     "check_labels",
     "check_option",
     "check_positive",
     "check_probability",
     "check_tensor",
+    "finite_flag",
+    "labels_flag",
+    "run_checks",
 ]
+
+PendingCheck = tuple[Tensor, Callable[[], None]]
+"""A value check not yet read back: a 0-dim bool tensor (true: the values pass) and the
+full check, which raises with a message that names what is wrong (see :func:`run_checks`)."""
 
 
 def check_option(name: str, value: Any, allowed: Collection[Any]) -> None:
@@ -83,11 +91,7 @@ def check_finite(name: str, value: Tensor) -> None:
     or an overflow of the sum).
     """
     with torch.no_grad():
-        if value.dtype in (torch.float16, torch.bfloat16):
-            summary = value.sum(dtype=torch.float32)
-        else:
-            summary = value.sum() if value.is_floating_point() else value
-        if bool(torch.isfinite(summary).all()):
+        if bool(finite_flag(value)):
             return
         bad = ~torch.isfinite(value)
         count = int(bad.sum())
@@ -105,12 +109,56 @@ def check_finite(name: str, value: Tensor) -> None:
     )
 
 
+def finite_flag(value: Tensor) -> Tensor:
+    """0-dim bool tensor, true when the sum of ``value`` is finite (then so is every entry);
+    nothing is read back to the host. Half precision sums in float32, where it cannot
+    overflow; a float32 sum can, and then the flag is false although every entry is finite
+    (:func:`check_finite` looks closer)."""
+    with torch.no_grad():
+        if value.dtype in (torch.float16, torch.bfloat16):
+            summary = value.sum(dtype=torch.float32)
+        else:
+            summary = value.sum() if value.is_floating_point() else value
+        return torch.isfinite(summary).all()
+
+
+def labels_flag(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """0-dim bool tensor, true when every label is in ``[0, num_classes)`` or ``ignore_index``;
+    nothing is read back to the host."""
+    with torch.no_grad():
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+        return ~bad.any()
+
+
+def run_checks(checks: Sequence[PendingCheck]) -> None:
+    """Read every pending check's flag back in one host read (on a GPU, one synchronisation
+    instead of one per check); if one is false, run the full checks in order, so that the
+    first failing one raises with its own message.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1.0, float("nan")])
+        >>> run_checks([(finite_flag(x[:1]), lambda: check_finite("a", x[:1]))])
+        >>> run_checks([(finite_flag(x), lambda: check_finite("b", x))])
+        Traceback (most recent call last):
+        ...
+        ValueError: b contains 1 non-finite value(s) (NaN), the first at index (1,); ...
+    """
+    if not checks:
+        return
+    device = checks[0][0].device
+    if bool(torch.stack([flag.to(device) for flag, _ in checks]).all()):
+        return
+    for _, full in checks:
+        full()
+
+
 def check_labels(name: str, labels: Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ``ValueError`` if a label is neither in ``[0, num_classes)`` nor ``ignore_index``."""
     with torch.no_grad():
-        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-        if not bool(bad.any()):
+        if bool(labels_flag(labels, num_classes, ignore_index)):
             return
+        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         values = torch.unique(labels[bad])
     shown = ", ".join(str(int(v)) for v in values[:10])
     more = "" if values.numel() <= 10 else f" (and {values.numel() - 10} more)"

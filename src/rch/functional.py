@@ -15,12 +15,16 @@ from torch import Tensor
 
 from ._fused import PaperPlan, fused_paper_loss
 from ._validation import (
+    PendingCheck,
     check_finite,
     check_labels,
     check_option,
     check_positive,
     check_probability,
     check_tensor,
+    finite_flag,
+    labels_flag,
+    run_checks,
 )
 from .distributed import all_reduce_sum
 from .loss import Formulation, calibration_terms, margin_logits, unit
@@ -99,7 +103,9 @@ def _validate(
     prototype_source: str,
     loss_mask: Tensor | None,
     validate: bool,
-) -> None:
+) -> list[PendingCheck]:
+    """Check types, shapes and options now; return the value checks (when ``validate``),
+    to be read back together with the loss's own (see :func:`run_checks`)."""
     check_option("formulation", formulation, FORMULATIONS)
     check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
     check_positive("tau", tau)
@@ -130,7 +136,14 @@ def _validate(
         )
     if isinstance(momentum, Tensor) and momentum.shape != (k,):
         raise ValueError(f"momentum tensor must have shape ({k},); got {tuple(momentum.shape)}.")
-    check_probability("momentum", momentum)
+    checks: list[PendingCheck] = []
+    if not isinstance(momentum, Tensor):
+        check_probability("momentum", momentum)
+    elif not momentum.is_floating_point():
+        raise TypeError(f"momentum must be a float or a floating tensor; got {momentum.dtype}.")
+    elif validate:  # a tensor's values: read back with the other value checks
+        flag = ((momentum >= 0) & (momentum < 1)).all()
+        checks.append((flag, lambda: check_probability("momentum", momentum)))
     if loss_mask is not None:
         check_tensor("loss_mask", loss_mask, ndim=3, layout="(B, H, W)", floating=None)
         if loss_mask.dtype != torch.bool or loss_mask.shape != labels.shape:
@@ -139,10 +152,16 @@ def _validate(
                 f"got {loss_mask.dtype} of shape {tuple(loss_mask.shape)}."
             )
     if validate:
-        check_labels("labels", labels, k, ignore_index)
         # embeddings: checked in _rch_loss, from the row norms that the loss computes anyway
-        check_finite("seg_logits", seg_logits)
-        check_finite("prototypes", prototypes)
+        checks += [
+            (
+                labels_flag(labels, k, ignore_index),
+                lambda: check_labels("labels", labels, k, ignore_index),
+            ),
+            (finite_flag(seg_logits), lambda: check_finite("seg_logits", seg_logits)),
+            (finite_flag(prototypes), lambda: check_finite("prototypes", prototypes)),
+        ]
+    return checks
 
 
 def _mean_ce_at_labels(
@@ -227,10 +246,11 @@ def rch_loss(
             counts, e.g. the pixels the main loss's OHEM keeps (the reference code's recipe,
             spec section 4). The pixel sets, the prototypes and the FN/FP statistics still
             use every labelled pixel. ``None``: the loss counts every labelled pixel.
-        validate: check the values too (labels in range, no NaN/Inf in the inputs). Each
-            check reads a result back from the device; on a GPU that synchronisation stalls
-            the step, so a tuned training loop may turn them off (like torchmetrics'
-            ``validate_args``). Shapes, dtypes and options are always checked.
+        validate: check the values too (labels in range, no NaN/Inf in the inputs, a
+            momentum tensor in ``[0, 1)``). The checks are read back from the device together,
+            once per call; on a GPU that synchronisation stalls the step, so a tuned training
+            loop may turn them off (like torchmetrics' ``validate_args``). Shapes, dtypes and
+            options are always checked.
 
     Returns:
         An :class:`RCHLossOutput`.
@@ -257,7 +277,7 @@ def rch_loss(
         >>> round(out.loss.item(), 4), out.prototypes.shape, bool(emb.grad.abs().sum() > 0)
         (3.53, torch.Size([3, 8]), True)
     """
-    _validate(
+    checks = _validate(
         embeddings,
         seg_logits,
         labels,
@@ -297,7 +317,7 @@ def rch_loss(
             prototypes.to(dtype),
             step,
             loss_mask,
-            validate,
+            checks if validate else None,
             dtype,
         )
 
@@ -309,11 +329,20 @@ def _rch_loss(
     prototypes: Tensor,
     step: _Step,
     loss_mask: Tensor | None,
-    validate: bool,
+    checks: list[PendingCheck] | None,
     dtype: torch.dtype,
 ) -> RCHLossOutput:
+    """The loss; ``checks``: the value checks of :func:`_validate` (``None``: no value
+    checks), read back in one go with the embeddings' before any label indexes anything."""
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
+    rows = flatten_pixels(embeddings, dtype)
+    norms = torch.linalg.vector_norm(rows.detach(), dim=1)  # data only: keeps no graph
+    if checks is not None:
+        # a row's norm is finite exactly when its entries are (short of an overflow of the
+        # norm itself, which check_finite then lets through)
+        norms_ok = torch.isfinite(norms).all()
+        run_checks([*checks, (norms_ok, lambda: check_finite("embeddings", embeddings))])
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w), dtype)
     # any class stands in for an ignored pixel's target: its margin and loss are zero
@@ -321,12 +350,6 @@ def _rch_loss(
     pred, p_true = prediction_confidence(logits, target)
     sets = pixel_sets(small_labels, pred, k, step.ignore_index)
     target, p_true = target.reshape(-1), p_true.reshape(-1)
-    rows = flatten_pixels(embeddings, dtype)
-    # a row's norm is finite exactly when its entries are (short of an overflow of the
-    # norm itself, which check_finite then lets through)
-    norms = torch.linalg.vector_norm(rows.detach(), dim=1)  # data only: keeps no graph
-    if validate and not bool(torch.isfinite(norms).all()):
-        check_finite("embeddings", embeddings)
     # the pixels whose embeddings feed the EMA: TP (paper) or all labelled ("gt"); none in eval
     members = None if not step.update else sets.correct if step.source == "tp" else sets.valid
     if step.formulation == "paper":

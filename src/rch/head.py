@@ -77,8 +77,9 @@ class RCHHead(nn.Module):
         warmup_iters: training steps with RCH off at the start (the loss is 0).
         process_group: group over which prototype statistics are summed.
         validate: check values each step (labels in range, no NaN/Inf in features, logits,
-            prototypes); see :func:`rch.functional.rch_loss`. On a GPU each check is a
-            host synchronisation; turn them off for speed once a training setup is trusted.
+            prototypes); see :func:`rch.functional.rch_loss`. On a GPU they cost two host
+            synchronisations a step (the features' check, then the loss's checks read back
+            together); turn them off for speed once a training setup is trusted.
 
     Shape:
         - features: ``(B, C_in, h, w)``; seg_logits: ``(B, K, h', w')``; labels: ``(B, H, W)``.
