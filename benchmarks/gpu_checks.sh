@@ -3,8 +3,10 @@
 # and the no-host-sync check included), a short fp16-AMP training run, the training-step
 # cost at the paper's crop (512 x 1024, AMP fp16; with and without rch.validate) and the
 # loss cost on the GPU, and what is live at the step's memory peak (gpu_memory.py). Most
-# important first: a lent machine's time may end before the last step. About 8 minutes on
-# an H100. The step logs end up in OUT/logs.tar.gz (a lent machine returns at most 8 files).
+# important first: a lent machine's time may end before the last step. 5.5 minutes on an
+# H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
+# 18 s, loss_cost 22 s, the AMP run 19 s). The step logs end up in OUT/logs.tar.gz (a lent
+# machine returns at most 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
 set -uo pipefail
