@@ -231,3 +231,36 @@ def test_unknown_rch_ohem_is_named(tmp_path):
 
     with pytest.raises(ValueError, match=r"rch.ohem must be one of 'loss', 'hide', 'off'; got 'x'"):
         build_network(tiny_config(tmp_path, rch={"ohem": "x"}), 10)
+
+
+def test_rch_adds_two_host_reads_to_a_step_with_checks_and_none_without(tmp_path, monkeypatch):
+    """On a GPU every host read drains the queue and idles the GPU. A training step (forward,
+    OHEM, losses, backward) of the baseline reads back what OHEM needs; RCH adds two
+    with its value checks on (the features', then the loss's together) and none with
+    ``rch.validate=false``. Counted on the CPU with the loss's GPU code path."""
+    from rch import stats
+    from rch.train.trainer import step_losses
+
+    from ..test_functional import _HostReads
+
+    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
+        monkeypatch.setattr(stats, name, ())
+    x = torch.randn(2, 3, 32, 48)
+    y = torch.randint(0, 10, (2, 32, 48))
+    reads = {}
+    for name, rch in (
+        ("baseline", {"enabled": False}),
+        ("checked", {"validate": True}),
+        ("unchecked", {"validate": False}),
+    ):
+        cfg = tiny_config(tmp_path, rch={**rch, "embed_dim": 8})
+        torch.manual_seed(0)
+        net = build_network(cfg, 10)
+        net.module.train()
+        with _HostReads() as spy:
+            parts, _ = step_losses(cfg, net, net.module, x, y, None)
+            parts["loss"].backward()
+        reads[name] = spy.reads
+        assert torch.isfinite(parts["loss"])
+    assert len(reads["checked"]) == len(reads["baseline"]) + 2
+    assert reads["unchecked"] == reads["baseline"]
