@@ -35,11 +35,9 @@ from train_cost import NETWORKS, amp_dtype, batch, build, step
 
 BEFORE = "held before the step"
 BACKWARD = "autograd backward"
-MIB = 2**20
-
-
-TORCH_DIR = str(Path(torch.__file__).resolve().parent) + "/"
 EARLIER = "earlier step: "
+MIB = 2**20
+TORCH_DIR = str(Path(torch.__file__).resolve().parent) + "/"
 
 
 def frame_label(frames: Sequence[Mapping[str, Any]], skip: str = TORCH_DIR) -> str:
