@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -214,6 +215,37 @@ def test_a_training_forward_keeps_the_embedding_not_the_features_base():
     with torch.no_grad():  # without an embedding the feature is kept as it was
         model(x)
     assert model.feature is not None and model.feature.shape == (2, 8, 8, 8)
+
+
+def test_a_feature_modified_in_place_is_embedded_after_the_forward_pass():
+    """A network that changes the hooked output in place (here an in-place ReLU after the
+    hooked BN) would break the early embedding's backward pass. RCH notices, warns, and
+    embeds the feature as it is after the forward pass, as if it had only kept it: the
+    same loss, gradients and BN statistics as a hook that never embeds early."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(True), nn.Conv2d(8, K, 1)
+    )
+    model = rch.attach(net, "1", num_classes=K, in_channels=8, embed_dim=8)
+    late = copy.deepcopy(model)
+    late._hook.head = None
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, K, (2, 8, 8))
+    results = []
+    for m in (model, late):
+        logits = m(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = m.rch_loss(logits, y)
+        (F.cross_entropy(logits, y) + out.loss).backward()
+        results.append((out.loss, caught))
+    (loss, caught), (loss_late, caught_late) = results
+    assert [str(w.message) for w in caught_late] == []
+    assert len(caught) == 1 and "modified in place" in str(caught[0].message)
+    torch.testing.assert_close(loss, loss_late)
+    for (name, a), b in zip(model.named_parameters(), late.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(model.named_buffers(), late.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)  # the projection's BN updated once
 
 
 def test_unknown_layer_lists_names():

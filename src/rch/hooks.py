@@ -8,6 +8,7 @@ both); :func:`export` strips the hook and returns exactly the baseline network.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -59,6 +60,8 @@ class _FeatureHook:
     the head's embedding right away (see :meth:`RCHAttachment.rch_loss` for why), and then
     keeps only a weak reference to the feature: a feature that is a view (a channel slice of
     a concatenation, say) would otherwise keep its whole base tensor alive until the loss.
+    It notes the feature's version counter and the projection's buffers (BN statistics),
+    for the case where the network modifies the feature in place afterwards.
     """
 
     def __init__(self, layer: str, select: FeatureSelector, head: RCHHead | None = None) -> None:
@@ -66,6 +69,8 @@ class _FeatureHook:
         self._feature: Tensor | weakref.ref[Tensor] | None = None
         self.embedding: Tensor | None = None
         self.captured = False
+        self.version = 0
+        self.buffers: list[Tensor] = []
 
     @property
     def feature(self) -> Tensor | None:
@@ -76,12 +81,22 @@ class _FeatureHook:
         return self._feature
 
     def clear(self) -> None:
-        self._feature, self.embedding, self.captured = None, None, False
+        self._feature, self.embedding, self.captured, self.buffers = None, None, False, []
+
+    def modified(self) -> bool:
+        """True if the embedded feature was modified in place after the layer returned it."""
+        feature = self.feature
+        return (
+            self.embedding is not None and feature is not None and feature._version != self.version
+        )
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         feature = _select(output, self.select, self.layer)
-        self.embedding, self.captured = None, True
+        self.embedding, self.captured, self.buffers = None, True, []
         if self.head is not None and self.head.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.buffers = [b.clone() for b in self.head.projection.buffers()]
+            self.version = feature._version
             self.embedding = self.head.embed(feature)
             self._feature = weakref.ref(feature)
         else:
@@ -138,13 +153,30 @@ class RCHAttachment(nn.Module):
         Raises:
             RCHError: no forward pass ran since the last call.
         """
-        feature, embedding = self._hook.feature, self._hook.embedding
-        if not self._hook.captured:
+        hook = self._hook
+        feature, embedding = hook.feature, hook.embedding
+        if not hook.captured:
             raise RCHError(
                 f"no feature captured from layer {self.layer!r}: run the model's forward pass "
                 "before asking for the RCH loss (one loss call per forward pass)."
             )
-        self._hook.clear()
+        if hook.modified():
+            # the projection saved the feature for its backward pass, and the network has
+            # changed it in place since (an in-place ReLU, `+=`): that backward would fail.
+            # Embed the feature as it is now instead, as if the hook had only kept it, with
+            # the projection's BN statistics as they were before the early embedding.
+            warnings.warn(
+                f"the feature of layer {self.layer!r} is modified in place after the layer "
+                "returns it (e.g. by an in-place ReLU or +=); RCH embeds it after the forward "
+                "pass instead, which loses the lower memory peak of embedding it at once. "
+                "Hook a layer whose output is not modified in place to keep it.",
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                for saved, live in zip(hook.buffers, self.head.projection.buffers(), strict=True):
+                    live.copy_(saved)
+            embedding = None
+        hook.clear()
         if embedding is None:
             assert feature is not None  # held strongly when no embedding was made
             embedding = self.head.embed(feature)
