@@ -68,7 +68,6 @@ class _FeatureHook:
         self.layer, self.select, self.head = layer, select, head
         self._feature: Tensor | weakref.ref[Tensor] | None = None
         self.embedding: Tensor | None = None
-        self.captured = False
         self.version = 0
         self.buffers: list[Tensor] = []
 
@@ -80,8 +79,13 @@ class _FeatureHook:
             return self._feature()
         return self._feature
 
+    @property
+    def captured(self) -> bool:
+        """True from a forward pass until :meth:`clear` (the feature itself may be gone)."""
+        return self._feature is not None
+
     def clear(self) -> None:
-        self._feature, self.embedding, self.captured, self.buffers = None, None, False, []
+        self._feature, self.embedding, self.buffers = None, None, []
 
     def modified(self) -> bool:
         """True if the embedded feature was modified in place after the layer returned it."""
@@ -92,7 +96,7 @@ class _FeatureHook:
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         feature = _select(output, self.select, self.layer)
-        self.embedding, self.captured, self.buffers = None, True, []
+        self.embedding, self.buffers = None, []
         if self.head is not None and self.head.training and torch.is_grad_enabled():
             with torch.no_grad():
                 self.buffers = [b.clone() for b in self.head.projection.buffers()]
