@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,18 +131,28 @@ def block_label(index: int, event: Mapping[str, Any], from_event: int) -> str:
     return label if index >= from_event else EARLIER + label
 
 
+def blocks_by_label(peak: Peak, from_event: int = 0) -> dict[str, list[int]]:
+    """The sizes (bytes) of the blocks live at the peak, largest first, by where they were
+    allocated (see :func:`block_label`); each block is labelled once."""
+    groups: defaultdict[str, list[int]] = defaultdict(list)
+    for index, event in peak.live:
+        groups[block_label(index, event, from_event)].append(int(event["size"]))
+    return {label: sorted(sizes, reverse=True) for label, sizes in groups.items()}
+
+
 def breakdown(peak: Peak, from_event: int = 0) -> dict[str, int]:
     """Bytes live at the peak by where they were allocated (see :func:`block_label`)."""
-    groups: Counter[str] = Counter({BEFORE: peak.before})
-    for index, event in peak.live:
-        groups[block_label(index, event, from_event)] += int(event["size"])
-    return dict(groups)
+    return totals(blocks_by_label(peak, from_event), peak.before)
+
+
+def totals(by_label: Mapping[str, list[int]], before: int) -> dict[str, int]:
+    """:func:`breakdown` from :func:`blocks_by_label`'s groups and the bytes held before."""
+    return {BEFORE: before, **{label: sum(sizes) for label, sizes in by_label.items()}}
 
 
 def largest(peak: Peak, label: str, from_event: int = 0, n: int = 6) -> list[int]:
     """The sizes (bytes) of the ``n`` largest live blocks of one group, largest first."""
-    sizes = [int(e["size"]) for i, e in peak.live if block_label(i, e, from_event) == label]
-    return sorted(sizes, reverse=True)[:n]
+    return blocks_by_label(peak, from_event).get(label, [])[:n]
 
 
 def record_step(name: str, rch: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -167,7 +177,8 @@ def record_step(name: str, rch: bool, args: argparse.Namespace) -> dict[str, Any
         torch.cuda.memory._record_memory_history(enabled=None)
     trace = snap["device_traces"][torch.cuda.current_device()]
     peak = replay_peak(trace, start, from_event)
-    groups = breakdown(peak, from_event)
+    by_label = blocks_by_label(peak, from_event)  # labelled once, for both uses below
+    groups = totals(by_label, peak.before)
     at = trace[peak.event] if peak.event >= 0 else {}
     result = {
         "peak_mib": peak.bytes / MIB,
@@ -178,9 +189,7 @@ def record_step(name: str, rch: bool, args: argparse.Namespace) -> dict[str, Any
         "peak_label": frame_label(at.get("frames", [])) if at else BEFORE,
         "peak_block_mib": int(at.get("size", 0)) / MIB,
         "groups_mib": {k: v / MIB for k, v in groups.items()},
-        "largest_blocks_mib": {
-            k: [b / MIB for b in largest(peak, k, from_event)] for k in groups if k != BEFORE
-        },
+        "largest_blocks_mib": {k: [b / MIB for b in v[:6]] for k, v in by_label.items()},
         "truncated": len(trace) >= args.max_entries,
     }
     del cfg, net, opt, x, y, snap, trace, peak
