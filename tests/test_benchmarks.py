@@ -437,3 +437,84 @@ def test_gpu_memory_refuses_without_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         gm.main(["--networks", "segformer_b0"])
     assert exc.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_drift_check_compares_weights_metrics_and_confusion(tmp_path: Path):
+    from rch.train import train
+    from rch.train.config import apply_overrides
+
+    from .train.helpers import tiny_config
+
+    dc = _bench_module("drift_check")
+    cfg = tiny_config(tmp_path, train={"iters": 2})
+    runs = [train(apply_overrides(cfg, [f"name={n}"]), progress=False) for n in ("a", "b")]
+    other = train(apply_overrides(cfg, ["name=c", "seed=1"]), progress=False)
+    same = dc.compare_runs(runs[0].run_dir, runs[1].run_dir)
+    assert same["identical"] and same["tensors_differing"] == 0
+    assert same["max_abs_weight_diff"] == 0.0 and same["first_differing"] is None
+    apart = dc.compare_runs(runs[0].run_dir, other.run_dir)
+    assert not apart["identical"] and not apart["weights_equal"]
+    assert apart["first_differing"] is not None and apart["max_abs_weight_diff"] > 0
+    assert apart["first_differing_record"] == 0  # the first logged loss already differs
+    with pytest.raises(ValueError, match="found 3"):  # which of them would be ambiguous
+        dc.run_dir(other.run_dir.parent)
+
+
+def test_drift_check_exports_a_commit_and_refuses_an_unknown_one(tmp_path: Path):
+    dc = _bench_module("drift_check")
+    commit = dc.export("HEAD", tmp_path / "code")
+    assert len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
+    assert (tmp_path / "code" / "src" / "rch" / "__init__.py").is_file()
+    assert (tmp_path / "code" / "benchmarks" / "camvid.py").is_file()
+    with pytest.raises(ValueError, match="not a commit"):
+        dc.export("no-such-revision-here", tmp_path / "other")
+
+
+def test_drift_check_trains_both_versions_and_writes_json(tmp_path: Path):
+    from .data import trees
+
+    root = tmp_path / "camvid"
+    trees.camvid(root, [0, 10, 11, 3])
+    results = tmp_path / "drift.json"
+    tiny = ["--root", str(root), "--batch", "2", "--base-size", "4", "6", "--crop", "16", "16"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "drift_check.py"), "HEAD", "--iters", "2"]
+    cmd += ["--variant", "paper"]
+    cmd += ["--out", str(tmp_path / "drift"), "--results", str(results), "--", *tiny]
+    cmd += ["--width", "8", "--embed-dim", "8"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads(results.read_text())
+    assert (
+        data["meta"]["commit"]
+        == subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+    )
+    assert data["meta"]["camvid_options"][:2] == ["--root", str(root)]
+    result = data["result"]
+    assert result["metrics_records"][0] == result["metrics_records"][1] > 0
+    assert len(result["mIoU"]) == 2 and all(0 <= m <= 1 for m in result["mIoU"])
+    assert ("identical:" in run.stdout) == result["identical"]
+    assert isinstance(result["same_math"], bool) and result["probe_float64_rel_diff"] >= 0
+    for side in ("earlier", "current"):  # each side trained its own run and computed its probe
+        assert (tmp_path / "drift" / side / "camvid-paper-s0" / "eval.json").is_file()
+        assert (tmp_path / "drift" / f"{side}-probe.pt").is_file()
+
+
+def test_drift_check_probe_tells_rounding_from_changed_math():
+    dc = _bench_module("drift_check")
+    probe = dc.loss_probe("paper")
+    assert {k.split("/")[0] for k in probe} == {"float64", "float32"}
+    assert {k.split("/")[1] for k in probe} == set(dc.PROBE_FIELDS)
+    same = dc.compare_probes(probe, dc.loss_probe("paper"))  # deterministic on the CPU
+    assert same == {"probe_float64_rel_diff": 0.0, "probe_float32_rel_diff": 0.0, "same_math": True}
+    rounded = {k: v.clone() for k, v in probe.items()}
+    rounded["float32/grad"] = rounded["float32/grad"] * (1 + 2**-22)  # last bits of float32
+    r = dc.compare_probes(probe, rounded)
+    assert r["same_math"] and 0 < r["probe_float32_rel_diff"] < 1e-6
+    changed = {k: v.clone() for k, v in probe.items()}
+    changed["float64/loss"] = changed["float64/loss"] * 1.001
+    c = dc.compare_probes(probe, changed)
+    assert not c["same_math"] and abs(c["probe_float64_rel_diff"] - 1e-3) < 1e-6
+    official = dc.compare_probes(probe, dc.loss_probe("official"))  # another loss altogether
+    assert not official["same_math"]
