@@ -171,12 +171,55 @@ def test_wrong_feature_channels_named():
         head(feats, logits, labels)
 
 
-def test_nan_features_named():
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_nan_features_named(mode):
+    """The features are not checked on their own (no host read); their NaN makes non-finite
+    embeddings, and the failed check then names the features, chained to it."""
     head = RCHHead(6, 4, embed_dim=5)
     feats, logits, labels = _inputs()
+    if mode == "eval":
+        head(feats, logits, labels)  # one step first: an initialised head
+        head.eval()
     feats[1, 2, 3, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"features contains 1 non-finite value\(s\) \(NaN\)"):
+    with pytest.raises(ValueError, match=r"features contains 1 non-finite value\(s\) \(NaN\)") as e:
         head(feats, logits, labels)
+    assert "embeddings contains" in str(e.value.__cause__)
+    # embedded first, the loss later (as RCHAttachment does): named the same way
+    embeddings = head.embed(feats)
+    with pytest.raises(ValueError, match=r"features contains 1 non-finite"):
+        head.forward_embedded(embeddings, logits, labels)
+
+
+def test_non_finite_embeddings_from_finite_features_name_the_embeddings():
+    """A diverged projection, not the features: the error says embeddings; and embeddings
+    that did not come from the last embed() are not blamed on its features."""
+    head = RCHHead(6, 4, embed_dim=5)
+    feats, logits, labels = _inputs()
+    with torch.no_grad():
+        head.projection[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="embeddings contains") as e:
+        head(feats, logits, labels)
+    assert e.value.__cause__ is None
+    fresh = RCHHead(6, 4, embed_dim=5)
+    bad = feats.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    fresh.embed(bad)  # its features are bad, but these embeddings are other ones
+    other = torch.randn(2, 5, *feats.shape[2:])
+    other[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="embeddings contains 1 non-finite"):
+        fresh.forward_embedded(other, logits, labels)
+
+
+def test_head_pickles_between_embed_and_loss(tmp_path):
+    """The weak references kept from embed() to the loss do not reach a saved module."""
+    head = RCHHead(6, 4, embed_dim=5)
+    feats, logits, labels = _inputs()
+    head.embed(feats)
+    assert head._embedded is not None
+    torch.save(head, tmp_path / "head.pt")
+    again = torch.load(tmp_path / "head.pt", weights_only=False)
+    assert again._embedded is None and head._embedded is not None
+    assert torch.isfinite(again(feats, logits, labels).loss)
 
 
 def test_head_moves_with_to_and_keeps_dtype():
@@ -196,9 +239,9 @@ def test_head_accepts_a_bf16_feature_outside_autocast():
 
 @pytest.mark.parametrize("init", ["randn", "first"])
 @pytest.mark.parametrize("validate", [True, False])
-def test_a_training_step_reads_back_at_most_twice(monkeypatch, init, validate):
-    """A training step's host reads (GPU synchronisations): with the value checks, two (the
-    features' check, then the loss's checks together); without, none. A prototype
+def test_a_training_step_reads_back_at_most_once(monkeypatch, init, validate):
+    """A training step's host reads (GPU synchronisations): with the value checks, one (the
+    loss's checks together, the embeddings' included); without, none. A prototype
     momentum tensor (``prototype_init="first"``) adds none."""
     from rch import stats
 
@@ -213,5 +256,5 @@ def test_a_training_step_reads_back_at_most_twice(monkeypatch, init, validate):
     with _HostReads() as spy:
         out = head(features, c.seg_logits, c.labels)
         out.loss.backward()
-    assert spy.reads == (["__bool__", "__bool__"] if validate else [])
+    assert spy.reads == (["__bool__"] if validate else [])
     assert features.grad is not None and torch.isfinite(out.loss)

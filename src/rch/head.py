@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -77,9 +78,11 @@ class RCHHead(nn.Module):
         warmup_iters: training steps with RCH off at the start (the loss is 0).
         process_group: group over which prototype statistics are summed.
         validate: check values each step (labels in range, no NaN/Inf in features, logits,
-            prototypes); see :func:`rch.functional.rch_loss`. On a GPU they cost two host
-            synchronisations a step (the features' check, then the loss's checks read back
-            together); turn them off for speed once a training setup is trusted.
+            prototypes); see :func:`rch.functional.rch_loss`. On a GPU they cost one host
+            synchronisation a step (the loss's checks, read back together). A non-finite
+            feature makes non-finite embeddings; when that check fails, the features are
+            checked too, so that the error names them. Turn the checks off for speed once a
+            training setup is trusted.
 
     Shape:
         - features: ``(B, C_in, h, w)``; seg_logits: ``(B, K, h', w')``; labels: ``(B, H, W)``.
@@ -153,6 +156,9 @@ class RCHHead(nn.Module):
         self.prototype_source, self.prototype_mode = prototype_source, prototypes
         self.prototype_init, self.warmup_iters = prototype_init, warmup_iters
         self.process_group, self.validate = process_group, validate
+        # (features, embeddings) of the last embed(), weakly held: a failed value check of
+        # those embeddings then looks at the features, to name a non-finite one
+        self._embedded: tuple[weakref.ref[Tensor], weakref.ref[Tensor]] | None = None
         self.record_stats = False
         """Set to ``True`` to get per-class statistics with the next forward's output
         (costs about one more pass over the embeddings; a trainer sets it on logging steps)."""
@@ -197,14 +203,30 @@ class RCHHead(nn.Module):
                 f"features have {features.shape[1]} channels (shape {tuple(features.shape)}) "
                 f"but this RCHHead was built with in_channels={self.in_channels}."
             )
-        if self.validate:
-            check_finite("features", features)
+        given = features
         weight: Tensor = self.projection[0].weight  # type: ignore[assignment]
         if features.dtype != weight.dtype and not torch.is_autocast_enabled(features.device.type):
             # e.g. a bf16 feature from an autocast forward, with the loss asked for outside it
             features = features.to(weight.dtype)
         out: Tensor = self.projection(features)
+        if self.validate:  # no check (no host read) here: the loss checks the embeddings
+            self._embedded = (weakref.ref(given), weakref.ref(out))
         return out
+
+    def _check_embedded_features(self, embeddings: Tensor) -> None:
+        """After a failed value check: if ``embeddings`` came from the last :meth:`embed`
+        and its features are still alive, raise if they are not finite (else return)."""
+        refs, self._embedded = self._embedded, None
+        if refs is None or refs[1]() is not embeddings:
+            return
+        features = refs[0]()
+        if features is not None:
+            check_finite("features", features)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_embedded"] = None  # weak references do not pickle; they matter for one step
+        return state
 
     def _momentum(self) -> float | Tensor:
         if self.prototype_init == "first":
@@ -242,24 +264,32 @@ class RCHHead(nn.Module):
             )
         update = self.training and self.prototype_mode == "ema"
         before = self.prototypes.detach().clone() if self.record_stats else None
-        out = rch_loss(
-            embeddings,
-            seg_logits,
-            labels,
-            self.prototypes,
-            formulation=self.formulation,
-            tau=self.tau,
-            momentum=self._momentum(),
-            alpha=self.alpha,
-            ignore_index=self.ignore_index,
-            fn_term=self.fn_term,
-            fp_term=self.fp_term,
-            prototype_source=self.prototype_source,
-            update_prototypes=update,
-            process_group=self.process_group,
-            loss_mask=loss_mask,
-            validate=self.validate,
-        )
+        try:
+            out = rch_loss(
+                embeddings,
+                seg_logits,
+                labels,
+                self.prototypes,
+                formulation=self.formulation,
+                tau=self.tau,
+                momentum=self._momentum(),
+                alpha=self.alpha,
+                ignore_index=self.ignore_index,
+                fn_term=self.fn_term,
+                fp_term=self.fp_term,
+                prototype_source=self.prototype_source,
+                update_prototypes=update,
+                process_group=self.process_group,
+                loss_mask=loss_mask,
+                validate=self.validate,
+            )
+        except ValueError as err:
+            try:  # a non-finite feature is named as such, not as the embeddings it made
+                self._check_embedded_features(embeddings)
+            except ValueError as features_err:
+                raise features_err from err
+            raise
+        self._embedded = None
         if self.training:
             if update:
                 with torch.no_grad():

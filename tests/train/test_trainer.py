@@ -233,10 +233,10 @@ def test_unknown_rch_ohem_is_named(tmp_path):
         build_network(tiny_config(tmp_path, rch={"ohem": "x"}), 10)
 
 
-def test_rch_adds_two_host_reads_to_a_step_with_checks_and_none_without(tmp_path, monkeypatch):
+def test_rch_adds_one_host_read_to_a_step_with_checks_and_none_without(tmp_path, monkeypatch):
     """On a GPU every host read drains the queue and idles the GPU. A training step (forward,
-    OHEM, losses, backward) of the baseline reads back what OHEM needs; RCH adds two
-    with its value checks on (the features', then the loss's together) and none with
+    OHEM, losses, backward) of the baseline reads back what OHEM needs; RCH adds one
+    with its value checks on (the loss's, the embeddings' included) and none with
     ``rch.validate=false``. Counted on the CPU with the loss's GPU code path."""
     from rch import stats
     from rch.train.trainer import step_losses
@@ -262,5 +262,5 @@ def test_rch_adds_two_host_reads_to_a_step_with_checks_and_none_without(tmp_path
             parts["loss"].backward()
         reads[name] = spy.reads
         assert torch.isfinite(parts["loss"])
-    assert len(reads["checked"]) == len(reads["baseline"]) + 2
+    assert len(reads["checked"]) == len(reads["baseline"]) + 1
     assert reads["unchecked"] == reads["baseline"]

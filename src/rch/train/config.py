@@ -82,8 +82,8 @@ class RCHConfig:
     # averages over OHEM's pixels, the statistics use every labelled pixel), "hide" (the
     # pixels OHEM drops are hidden from RCH, statistics too) or "off" (RCH ignores OHEM)
     ohem: str = "loss"
-    # check values each step (labels in range, no NaN/Inf); on a GPU they cost two host
-    # synchronisations a step, so a tuned run may turn them off
+    # check values each step (labels in range, no NaN/Inf); on a GPU they cost one host
+    # synchronisation a step, so a tuned run may turn them off
     validate: bool = True
     layer: str | None = None  # override the preset's feature layer
     select: int | str | None = None
