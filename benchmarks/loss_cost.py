@@ -92,7 +92,7 @@ def bare_prototype_ce(emb: Tensor, logits: Tensor, labels: Tensor, protos: Tenso
         fp_term=False,
         group=None,
     )
-    loss, _, _, _ = fused_paper_loss(flatten_pixels(emb), protos, plan)
+    loss, _, _, _ = fused_paper_loss(emb, protos, plan)
     return loss
 
 

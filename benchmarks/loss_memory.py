@@ -6,7 +6,9 @@ sorted per-class sums, no ``bincount``) and larger row blocks (:data:`rch._fused
 .DEVICE_CHUNK_BYTES`). The bytes each path allocates do not depend on the device, so this
 script measures both on the CPU: the peak of the bytes held by tensors during one step,
 above what was held before it, from the profiler's allocation events. It is the quantity
-``torch.cuda.max_memory_allocated`` reports on a GPU, less the inputs.
+``torch.cuda.max_memory_allocated`` reports on a GPU, less the inputs. The forward pass's
+own peak is reported too: inside a network, the activations that the backward pass frees
+are all still held during the loss's forward, so that is where a training step peaks.
 
 Default shapes: DeepLabV3 at the paper's crop, batch 2 per GPU, under AMP (a float16
 ``(2, 256, 64, 128)`` embedding, float16 ``(2, 19, 512, 1024)`` logits, ``(2, 512, 1024)``
@@ -25,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_meta, write_results
@@ -60,24 +62,34 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     return emb, logits, labels, protos
 
 
-def step_peak(inputs: tuple[torch.Tensor, ...], formulation: str) -> tuple[float, float]:
-    """(peak, held after) MiB of tensor bytes above the start of one forward+backward."""
+BACKWARD = "rch-loss-backward"
+"""The profiler's label of the backward pass: the forward's peak is the peak before it."""
+
+
+def step_peak(inputs: tuple[torch.Tensor, ...], formulation: str) -> tuple[float, float, float]:
+    """(peak, forward's peak, held after) MiB of tensor bytes above the start of one
+    forward+backward; the forward's peak is the one before the backward pass starts."""
     emb, logits, labels, protos = inputs
 
     def step() -> None:
         out = rch_loss(emb, logits, labels, protos, formulation=formulation, validate=False)
-        out.loss.backward()
+        with record_function(BACKWARD):
+            out.loss.backward()
         emb.grad = None
 
     step()  # warm-up: lazily built state is not counted
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    held = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
+    events = list(prof.profiler.kineto_results.events())
+    backward_at = min(e.start_ns() for e in events if e.name() == BACKWARD)
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    held = peak = forward_peak = 0
+    for event in memory:
         held += event.nbytes()
         peak = max(peak, held)
-    return peak / 2**20, held / 2**20
+        if event.start_ns() < backward_at:
+            forward_peak = max(forward_peak, held)
+    return peak / 2**20, forward_peak / 2**20, held / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,15 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         size = f"{budget / 2**20:g} MiB" if budget >= 2**20 else f"{budget} B"
         paths.append(("gpu, one block" if budget >= ONE_BLOCK else f"gpu, {size} blocks", budget))
     print(f"embedding {tuple(inputs[0].shape)} in float32: {embedding_mib:.1f} MiB")
-    print(f"{'formulation':<12} {'path':<22} {'peak MiB':>9} {'x embedding':>12}")
+    print(
+        f"{'formulation':<12} {'path':<22} {'peak MiB':>9} {'x embedding':>12} {'forward MiB':>12}"
+    )
     rows = []
     for formulation in args.formulations:
         for name, budget in paths:
             with contextlib.nullcontext() if budget is None else gpu_path(budget):
-                peak, held = step_peak(inputs, formulation)
+                peak, forward, held = step_peak(inputs, formulation)
             rows.append({"formulation": formulation, "path": name, "peak_mib": peak})
-            rows[-1]["held_after_mib"] = held
-            print(f"{formulation:<12} {name:<22} {peak:9.1f} {peak / embedding_mib:12.2f}")
+            rows[-1].update(forward_peak_mib=forward, held_after_mib=held)
+            print(
+                f"{formulation:<12} {name:<22} {peak:9.1f} {peak / embedding_mib:12.2f}"
+                f" {forward:12.1f}"
+            )
     meta = run_meta(
         argv,
         batch=args.batch,

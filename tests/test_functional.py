@@ -466,3 +466,48 @@ def test_a_failed_value_check_names_the_first_bad_input():
     # a float32 sum that overflows although every entry is finite: no error
     big = torch.full_like(c.seg_logits, 3e38)
     assert torch.isfinite(rch_loss(c.embeddings, big, c.labels, c.prototypes).loss)
+
+
+def _forward_peak_bytes(fn) -> int:
+    """Peak of the tensor bytes held during ``fn()`` above those held before (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_paper_forward_holds_one_row_sized_tensor(dtype):
+    """The paper path's forward turns its own float32 rows (a cast under AMP, a reordering
+    otherwise) into the unit rows in place: it never holds two (N, D) float32 tensors."""
+    c = make_case(seed=3, batch=2, dim=128, classes=3, size=(16, 16), dtype=torch.float32)
+    emb, protos = c.embeddings.detach().to(dtype), c.prototypes.float()
+    logits = c.seg_logits.float()
+    kw = {"fn_term": False, "fp_term": False, "validate": False}
+    rch_loss(emb, logits, c.labels, protos, **kw)  # warm-up: lazily built state
+    row_bytes = emb.shape[0] * emb.shape[2] * emb.shape[3] * emb.shape[1] * 4
+    peak = _forward_peak_bytes(lambda: rch_loss(emb, logits, c.labels, protos, **kw))
+    assert row_bytes <= peak < 1.5 * row_bytes
+
+
+def test_paper_loss_leaves_channels_last_embeddings_as_they_were():
+    """Channels-last float32 embeddings flatten to a view: the loss must not normalise them
+    in place; it gives the same loss and gradient as contiguous ones."""
+    c = make_case(seed=4, batch=2, dim=6, classes=3, size=(5, 6), dtype=torch.float32)
+    dense = c.embeddings.detach().clone().requires_grad_(True)
+    last = c.embeddings.detach().clone().to(memory_format=torch.channels_last)
+    kept = last.clone()
+    last.requires_grad_(True)
+    a = rch_loss(dense, c.seg_logits.float(), c.labels, c.prototypes.float())
+    b = rch_loss(last, c.seg_logits.float(), c.labels, c.prototypes.float())
+    assert torch.equal(last.detach(), kept)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
+    (ga,) = torch.autograd.grad(a.loss, dense)
+    (gb,) = torch.autograd.grad(b.loss, last)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)

@@ -28,7 +28,7 @@ from . import stats
 from .distributed import world_size
 from .loss import EPS
 from .prototypes import ema_update
-from .stats import PixelSets, segment_sum
+from .stats import PixelSets, flatten_pixels, segment_sum
 
 __all__ = ["PaperPlan", "fused_paper_loss"]
 
@@ -48,7 +48,7 @@ class PaperPlan:
     fn_term: bool
     fp_term: bool
     group: dist.ProcessGroup | None
-    norms: Tensor | None = None  # (N,) row norms when the caller computed them already
+    dtype: torch.dtype | None = None  # the loss's working dtype; None: the embeddings' own
 
 
 CHUNK_BYTES = 1 << 21
@@ -125,13 +125,12 @@ def _unit_backward_(
 class _PaperLoss(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: FunctionCtx, rows: Tensor, prototypes: Tensor, plan: PaperPlan
+        ctx: FunctionCtx, embeddings: Tensor, prototypes: Tensor, plan: PaperPlan
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sets, k = plan.sets, prototypes.shape[0]
-        norms = torch.linalg.vector_norm(rows, dim=1) if plan.norms is None else plan.norms
-        denom = (norms + EPS).unsqueeze(1)
-        units = torch.div(rows, denom)
-        blocks = _Blocks(units, int(plan.fn_term) + int(plan.fp_term))
+        # the flat rows are made here, not by the caller, so that nothing else holds them
+        rows = flatten_pixels(embeddings, plan.dtype)
+        norms = torch.linalg.vector_norm(rows, dim=1)
         protos, present, counts = prototypes.clone(), None, None
         members = None if plan.members is None else torch.where(plan.members, sets.label, k)
         if members is not None:
@@ -144,6 +143,13 @@ class _PaperLoss(torch.autograd.Function):
                 sums, counts = pooled[:, :-1], pooled[:, -1].round()
             present = counts > 0
             protos = ema_update(prototypes, sums, counts, plan.momentum)
+        denom = (norms + EPS).unsqueeze(1)
+        # the raw rows are not needed past this point: when they are a copy made here (a cast
+        # under AMP, or the reordering into rows), they become the unit rows in place, so the
+        # forward pass never holds two (N, D) tensors
+        own = rows.untyped_storage().data_ptr() != embeddings.untyped_storage().data_ptr()
+        units = rows.div_(denom) if own else torch.div(rows, denom)
+        del rows
         proto_norms = torch.linalg.vector_norm(protos, dim=1)
         proto_units = protos / (proto_norms + EPS).unsqueeze(1)
         cosines = units @ proto_units.T
@@ -175,6 +181,7 @@ class _PaperLoss(torch.autograd.Function):
         if table is not None:
             table.div_(sizes.clamp_min(1).unsqueeze(2))
             flat_table = table.view(bins + 1, -1)
+            blocks = _Blocks(units, len(names))  # scratch only where there is a gather
             for part in blocks.slices:
                 n = part.stop - part.start
                 gathered = blocks.gather(flat_table, anchor, part).view(n, len(names), -1)
@@ -215,6 +222,7 @@ class _PaperLoss(torch.autograd.Function):
         ctx.dots = dots  # type: ignore[attr-defined]
         ctx.all_rows = wrong is None  # type: ignore[attr-defined]
         ctx.members = members  # type: ignore[attr-defined]
+        ctx.embedded = embeddings.shape  # type: ignore[attr-defined]
         ctx.save_for_backward(
             wrong if wrong is not None else torch.empty(0, dtype=torch.int64),
             units,
@@ -359,20 +367,25 @@ class _PaperLoss(torch.autograd.Function):
                     block += back[:, j].index_select(0, ctx.errors[j][rows_at])
                 _unit_backward_(block, units.index_select(0, rows_at), norms[rows_at])
                 d_units.index_add_(0, rows_at, block)
-        d_rows = d_units
         need_rows, need_protos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (d_rows if need_rows else None), (d_prototypes if need_protos else None), None
+        d_embeddings = None
+        if need_rows:  # back to (B, D, h, w), as the backward of flatten_pixels gives it
+            b, d, h, w = ctx.embedded
+            # in the loss's dtype: autograd casts it to the embeddings' own (under AMP)
+            d_embeddings = d_units.view(b, h, w, d).permute(0, 3, 1, 2)
+        return d_embeddings, (d_prototypes if need_protos else None), None
 
 
 def fused_paper_loss(
-    rows: Tensor, prototypes: Tensor, plan: PaperPlan
+    embeddings: Tensor, prototypes: Tensor, plan: PaperPlan
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss_fn, loss_fp, prototypes, updated)`` of the paper formulation for flat pixels.
+    """``(loss_fn, loss_fp, prototypes, updated)`` of the paper formulation.
 
     Args:
-        rows: ``(N, D)`` raw embeddings.
+        embeddings: ``(B, D, h, w)`` raw embeddings; their ``N = B h w`` pixels, in the order
+            of :func:`rch.stats.flatten_pixels`, are the plan's pixels.
         prototypes: ``(K, D)`` prototypes before the step.
         plan: the non-differentiable description of the step.
     """
-    loss_fn, loss_fp, protos, updated = _PaperLoss.apply(rows, prototypes, plan)
-    return loss_fn, loss_fp, protos, updated.to(rows.device)
+    loss_fn, loss_fp, protos, updated = _PaperLoss.apply(embeddings, prototypes, plan)
+    return loss_fn, loss_fp, protos, updated.to(embeddings.device)

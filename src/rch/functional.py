@@ -336,13 +336,9 @@ def _rch_loss(
     checks), read back in one go with the embeddings' before any label indexes anything."""
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
-    rows = flatten_pixels(embeddings, dtype)
-    norms = torch.linalg.vector_norm(rows.detach(), dim=1)  # data only: keeps no graph
     if checks is not None:
-        # a row's norm is finite exactly when its entries are (short of an overflow of the
-        # norm itself, which check_finite then lets through)
-        norms_ok = torch.isfinite(norms).all()
-        run_checks([*checks, (norms_ok, lambda: check_finite("embeddings", embeddings))])
+        finite = finite_flag(embeddings)
+        run_checks([*checks, (finite, lambda: check_finite("embeddings", embeddings))])
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w), dtype)
     # any class stands in for an ignored pixel's target: its margin and loss are zero
@@ -368,14 +364,22 @@ def _rch_loss(
             fp_term=step.fp_term,
             group=step.group,
             members=members,
-            norms=norms,
+            dtype=dtype,
         )
-        loss_fn, loss_fp, prototypes, updated = fused_paper_loss(rows, prototypes, plan)
+        loss_fn, loss_fp, prototypes, updated = fused_paper_loss(embeddings, prototypes, plan)
     else:
         if loss_mask is not None:  # the cross-entropy's pixels; the statistics keep them all
             labels = torch.where(loss_mask, labels, step.ignore_index)
         loss_fn, loss_fp, prototypes, updated = _official_loss(
-            rows, sets, labels, prototypes, p_true, target, members, (b, h, w), step
+            flatten_pixels(embeddings, dtype),
+            sets,
+            labels,
+            prototypes,
+            p_true,
+            target,
+            members,
+            (b, h, w),
+            step,
         )
     tp, fn, fp = set_counts(sets, k)
     return RCHLossOutput(loss_fn + loss_fp, loss_fn, loss_fp, prototypes, updated, tp, fn, fp)
