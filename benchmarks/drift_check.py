@@ -212,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": str(code / "src")}  # the side's own package
         log = (args.out / f"{side}.log").open("w")
         procs[side] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=log), log)
+    failed = []
     for side, (proc, log) in procs.items():  # both train at once, one thread each
-        if proc.wait() != 0:
-            print(f"the {side} run failed (exit {proc.returncode}); see {log.name}")
-            return 1
+        proc.wait()  # both, even when one fails: no training is left running behind
         log.close()
+        if proc.returncode != 0:
+            failed.append(f"the {side} run failed (exit {proc.returncode}); see {log.name}")
+    if failed:
+        print("\n".join(failed))
+        return 1
     result = compare_runs(run_dir(args.out / "earlier"), run_dir(args.out / "current"))
     if args.variant != "baseline":  # the RCH loss: is a difference only the summation order?
         probes = {}
