@@ -33,6 +33,7 @@ from rch.eval.paired import (
     format_pooled_effect,
     marked_first,
     paired_rows,
+    pooled_dofs,
     pooled_effect,
 )
 from rch.eval.paired import summarize_paired as summarize
@@ -156,8 +157,9 @@ def draw_figures(
     summary: dict[str, Any], results: Path, pooled: dict[str, Any] | None = None
 ) -> list[Path]:
     """Two PNGs beside the results file: the paired differences per variant (a dot per seed,
-    the mean with +- 1.96 pooled SE, the paper's +1 as a dashed line; with ``pooled``, a
-    last row of its per-seed differences with their SE over seeds) and the per-class IoU
+    the mean with its 95 % t interval on the pooled SE, the paper's +1 as a dashed line;
+    with ``pooled``, a last row of its per-seed differences with their t interval over
+    the seeds) and the per-class IoU
     deltas as a heat map. Nothing without a paired variant, or without matplotlib."""
     paired = {name: e for name, e in summary.items() if e.get("paired_diff")}
     if not paired:
@@ -171,13 +173,16 @@ def draw_figures(
         from rch.viz import figures
 
         diffs, se = paired_rows(summary)
+        dofs = pooled_dofs(summary)
         if pooled is not None and pooled["seed_diff"]:
             diffs[POOLED_ROW] = list(pooled["seed_diff"].values())
             se[POOLED_ROW] = pooled["seed_diff_se"]
+            dofs[POOLED_ROW] = len(pooled["seed_diff"]) - 1
         figures.plot_paired_differences(
             diffs,
             diffs_png,
             se=se,
+            df=dofs,
             reference=1.0,
             reference_label="the paper's gain (Cityscapes)",
         )

@@ -258,10 +258,15 @@ def test_camvid_figures_are_skipped_without_matplotlib(tmp_path: Path, monkeypat
     written = camvid.draw_figures(summary, tmp_path / "camvid.json")
     assert [p.name for p in written] == ["camvid_paired.png", "camvid_classes.png"]
     drawn: dict[str, Any] = {}
-    monkeypatch.setattr(figures, "plot_paired_differences", lambda d, p, **kw: drawn.update(d=d))
+    monkeypatch.setattr(
+        figures, "plot_paired_differences", lambda d, p, **kw: drawn.update(d=d, **kw)
+    )
     pooled = camvid.pooled_effect({"baseline": base, "paper": other})
     camvid.draw_figures(summary, tmp_path / "camvid.json", pooled)
     assert drawn["d"][camvid.POOLED_ROW] == pytest.approx([1.0, 1.0])  # one point per seed
+    # the pooled row's interval is a t interval over its seeds; "paper" has a pooled SD of 0
+    # over 1 degree of freedom
+    assert drawn["df"] == {"paper": 1, camvid.POOLED_ROW: 1}
     assert camvid.rare_first(["Sky", "Bicyclist", "Pole"]) == ["Pole", "Bicyclist", "Sky"]
 
 

@@ -162,7 +162,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .eval.paired import paired_rows
+    from .eval.paired import paired_rows, pooled_dofs
     from .train import load_config
     from .train.ablate import TABLE1, ablate
 
@@ -189,7 +189,7 @@ def _ablate(args: argparse.Namespace) -> int:
         try:
             from .viz import figures
 
-            figures.plot_paired_differences(diffs, png, se=se)
+            figures.plot_paired_differences(diffs, png, se=se, df=pooled_dofs(result.summary))
         except ImportError:
             print("figure skipped: it needs matplotlib (pip install 'rch[viz]')")
         else:

@@ -14,7 +14,9 @@ from rch.eval.paired import (
     format_pooled_effect,
     marked_first,
     pooled_diff_sd,
+    pooled_dofs,
     pooled_effect,
+    student_t_critical,
     summarize_paired,
 )
 
@@ -54,6 +56,17 @@ def test_pools_the_spread_of_paired_differences_over_variants():
     assert "diff_se_pooled" not in summary["baseline"]
     assert summary["c"]["diff_se_pooled"] == pytest.approx(sd)  # one seed: the pooled SD
     assert summary["b"]["diff_se_pooled"] == pytest.approx(sd / math.sqrt(3))
+    t3 = 3.1824  # Student's t, 3 degrees of freedom, 95 %: the pooled SD's
+    lo, hi = summary["b"]["diff_ci_pooled"]
+    half = t3 * sd / math.sqrt(3)
+    assert (lo, hi) == pytest.approx((1.0 - half, 1.0 + half), abs=1e-3)
+    assert pooled_dofs(summary) == {"a": 3, "b": 3, "c": 3}
+    assert "+1.00" in format_paired_summary(summary) and "95 % interval" in (
+        format_paired_summary(summary)
+    )
+    alone = summarize_paired({"baseline": base, "c": runs["c"]})  # no spread to pool
+    assert all(math.isnan(v) for v in alone["c"]["diff_ci_pooled"])
+    assert pooled_dofs(alone) == {}
     assert "pooled SE" in format_paired_summary(summary)
 
 
@@ -79,10 +92,59 @@ def test_pooled_effect_pools_every_rch_run_and_pairs_by_seed():
     assert e["seed_diff"] == pytest.approx({0: 0.0, 1: -1.0})  # seed 2: no RCH run
     assert e["seed_diff_mean"] == pytest.approx(-0.5)
     assert e["seed_diff_se"] == pytest.approx(statistics.stdev([0, -1]) / math.sqrt(2))
+    half = 12.7062 * statistics.stdev([0, -1]) / math.sqrt(2)  # t(1) for two seeds
+    assert e["seed_diff_ci"] == pytest.approx((-0.5 - half, -0.5 + half), abs=1e-3)
+    assert e["rate_runs"] == 0  # no confusion matrices: nothing counted, nothing printed
     text = format_pooled_effect(e)
     assert "5 runs of 2 variant(s)" in text and "-1.00 (Welch SE" in text and "seed 1 -1.00" in text
+    assert "95 % t interval" in text and "confusion" not in text
     assert pooled_effect({"baseline": results["baseline"]}) is None
     assert pooled_effect({"a": results["a"]}) is None
+    one_seed = pooled_effect({"baseline": results["baseline"], "a": {0: run(49)}})
+    assert all(math.isnan(v) for v in one_seed["seed_diff_ci"])
+
+
+@pytest.mark.parametrize(
+    ("df", "level", "table"),  # printed tables of Student's t, to their three decimals
+    [(1, 0.95, 12.706), (2, 0.95, 4.303), (3, 0.95, 3.182), (4, 0.95, 2.776), (5, 0.95, 2.571),
+     (10, 0.95, 2.228), (22, 0.95, 2.074), (30, 0.95, 2.042), (4, 0.99, 4.604), (9, 0.90, 1.833),
+     (1, 0.5, 1.000), (2, 0.5, 0.816)],
+)  # fmt: skip
+def test_student_t_critical_matches_the_printed_table(df: int, level: float, table: float):
+    assert student_t_critical(df, level) == pytest.approx(table, abs=6e-4)
+
+
+def test_student_t_critical_tends_to_the_normal_and_refuses_bad_arguments():
+    assert student_t_critical(10_000) == pytest.approx(1.95996, abs=1e-3)
+    assert student_t_critical(3) > student_t_critical(4) > student_t_critical(5)
+    for df in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="df must be a positive integer"):
+            student_t_critical(df)  # type: ignore[arg-type]
+    for level in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="level must lie in"):
+            student_t_critical(4, level)
+
+
+def test_pooled_effect_counts_which_way_recall_and_precision_moved():
+    """Each variant run against its own seed's baseline run, on the class means of recall
+    (rows) and precision (columns) of its confusion matrix."""
+    base = {"mIoU": 0.5, "IoU": {}, "confusion": [[3, 1], [1, 3]]}  # recall 75, precision 75
+    sharper = {"mIoU": 0.5, "IoU": {}, "confusion": [[2, 2], [0, 4]]}  # recall 75, prec 83.3
+    looser = {"mIoU": 0.5, "IoU": {}, "confusion": [[2, 2], [2, 2]]}  # recall 50, prec 50
+    blind = {"mIoU": 0.5, "IoU": {}, "confusion": [[0, 4], [0, 4]]}  # recall 50, prec b only
+    e = pooled_effect(
+        {
+            "baseline": {0: base, 1: base},
+            "a": {0: sharper, 1: looser},
+            "b": {0: blind, 2: looser},  # seed 2 has no baseline run: not counted
+            "c": {1: {"mIoU": 0.5, "IoU": {}}},  # no confusion matrix: not counted
+        }
+    )
+    # blind: class a is never predicted, so its precision is undefined and the mean is b's 50
+    assert (e["rate_runs"], e["recall_falls"], e["precision_rises"]) == (3, 2, 1)
+    assert "confusion matrices: 3; class-mean recall falls in 2, precision rises in 1" in (
+        format_pooled_effect(e)
+    )
 
 
 def test_recall_and_precision_deltas_are_paired_by_seed():

@@ -81,6 +81,29 @@ def test_paired_differences_plot_the_means_with_their_intervals(tmp_path):
         figures.plot_paired_differences({"a": [1.0], "b": []}, tmp_path / "q.png")
 
 
+def test_paired_differences_draw_t_intervals_where_degrees_of_freedom_are_given(tmp_path):
+    """An SE from a handful of seeds gets Student's t, not 1.96: with 2 degrees of freedom
+    the bar is 4.303 SE each side; a variant missing from ``df`` keeps the normal bar."""
+    fig = figures.plot_paired_differences(
+        {"a": [1.0, -0.5, 0.2], "b": [-1.5]},
+        tmp_path / "p.png",
+        se={"a": 0.4, "b": 0.8},
+        df={"a": 2},
+    )
+    (ax,) = fig.axes
+    bars = {round(float(c.lines[0].get_ydata()[0])): c for c in ax.containers}
+    mean = np.mean([1.0, -0.5, 0.2])
+    low, high = bars[1].lines[2][0].get_segments()[0][:, 0]
+    assert (low, high) == pytest.approx((mean - 4.3027 * 0.4, mean + 4.3027 * 0.4), abs=1e-3)
+    low, high = bars[0].lines[2][0].get_segments()[0][:, 0]
+    assert (low, high) == pytest.approx((-1.5 - 1.96 * 0.8, -1.5 + 1.96 * 0.8))
+    assert ax.get_title().endswith("bars: 95 % intervals")  # not all of them t intervals
+    fig = figures.plot_paired_differences(
+        {"a": [1.0, 0.0]}, tmp_path / "q.png", se={"a": 0.5}, df={"a": 1}
+    )
+    assert fig.axes[0].get_title().endswith("bars: 95 % intervals (t)")
+
+
 def test_class_deltas_heat_map_is_symmetric_about_zero(tmp_path):
     deltas = {"a": {"Pole": 2.0, "Sky": -0.5}, "b": {"Pole": -3.0, "Sky": float("nan")}}
     fig = figures.plot_class_deltas(deltas, tmp_path / "c.png", mark=["Pole"])

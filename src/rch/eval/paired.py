@@ -33,7 +33,9 @@ __all__ = [
     "marked_first",
     "paired_rows",
     "pooled_diff_sd",
+    "pooled_dofs",
     "pooled_effect",
+    "student_t_critical",
     "summarize_paired",
 ]
 
@@ -62,9 +64,64 @@ def pooled_diff_sd(diffs: Collection[Collection[float]]) -> tuple[float, int]:
     return (math.sqrt(ss / df) if df else math.nan), df
 
 
+def student_t_critical(df: int, level: float = 0.95) -> float:
+    """The two-sided critical value of Student's t with ``df`` (a positive integer)
+    degrees of freedom: ``P(|T| <= t) = level``. The half-width of a ``level`` interval of
+    a mean is this times its SE.
+
+    Exact for integer ``df`` (the closed-form CDF of Abramowitz and Stegun 26.7.3-4, solved
+    by bisection), so it needs no statistics package.
+
+    Example:
+        >>> round(student_t_critical(1), 3), round(student_t_critical(4), 3)
+        (12.706, 2.776)
+    """
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+
+    def central(t: float) -> float:  # P(|T| <= t)
+        theta = math.atan(t / math.sqrt(df))
+        c2 = math.cos(theta) ** 2
+        if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...))
+            term, total = 1.0, 1.0 if df > 1 else 0.0
+            for j in range(1, (df - 1) // 2):
+                term *= c2 * (2 * j) / (2 * j + 1)
+                total += term
+            return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+        term, total = 1.0, 1.0  # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...)
+        for j in range(1, df // 2):
+            term *= c2 * (2 * j - 1) / (2 * j)
+            total += term
+        return math.sin(theta) * total
+
+    lo, hi = 0.0, 1.0
+    while central(hi) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if central(mid) < level:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return (lo + hi) / 2
+
+
 def _rates(confusion: list[list[int]]) -> tuple[list[float], list[float]]:
     scores = scores_from_confusion(torch.tensor(confusion))
     return scores.acc, scores.precision  # recall = 1 - FN rate, precision = 1 - FP share
+
+
+def _class_means(confusion: list[list[int]]) -> tuple[float, float]:
+    """Mean recall and mean precision over the classes that have them, in points."""
+    means = []
+    for values in _rates(confusion):
+        kept = [v for v in values if not math.isnan(v)]
+        means.append(100 * statistics.fmean(kept) if kept else math.nan)
+    return means[0], means[1]
 
 
 def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dict[str, Any]]:
@@ -75,10 +132,11 @@ def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dic
     with the baseline on at least one seed also holds ``paired_seeds``, ``paired_diff``,
     ``diff_mean``, ``diff_se`` (its own SE; NaN for one seed), ``diff_se_pooled`` (the
     pooled SD of :func:`pooled_diff_sd` over sqrt(seeds)) with ``pooled_sd`` and
-    ``pooled_df``, ``class_delta`` (mean per-class IoU difference; a class missing from a
-    run's IoU counts as 0), and, where every paired run kept its confusion matrix,
-    ``recall_delta`` / ``precision_delta`` per class with their class means
-    ``mean_recall_delta`` / ``mean_precision_delta``.
+    ``pooled_df``, ``diff_ci_pooled`` (the 95 % Student t interval of the mean on the
+    pooled SE and its degrees of freedom; NaNs without any), ``class_delta`` (mean
+    per-class IoU difference; a class missing from a run's IoU counts as 0), and, where
+    every paired run kept its confusion matrix, ``recall_delta`` / ``precision_delta`` per
+    class with their class means ``mean_recall_delta`` / ``mean_precision_delta``.
     """
     base = results.get(baseline, {})
     out: dict[str, dict[str, Any]] = {}
@@ -125,6 +183,8 @@ def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dic
         if "paired_diff" in entry:
             entry["diff_se_pooled"] = sd / math.sqrt(len(entry["paired_diff"]))
             entry["pooled_sd"], entry["pooled_df"] = sd, df
+            half = entry["diff_se_pooled"] * student_t_critical(df) if df else math.nan
+            entry["diff_ci_pooled"] = (entry["diff_mean"] - half, entry["diff_mean"] + half)
     return out
 
 
@@ -147,6 +207,24 @@ def paired_rows(
     )
 
 
+def pooled_dofs(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """The degrees of freedom of each pooled SE of :func:`paired_rows`, as
+    ``rch.viz.figures.plot_paired_differences`` takes them (``df``) to draw t intervals;
+    empty where no variant has two seeds.
+
+    Example:
+        >>> run = lambda m: {"mIoU": m, "IoU": {}}
+        >>> runs = {"baseline": {0: run(0.5), 1: run(0.5)}, "x": {0: run(0.6), 1: run(0.5)}}
+        >>> pooled_dofs(summarize_paired(runs))
+        {'x': 1}
+    """
+    return {
+        name: e["pooled_df"]
+        for name, e in summary.items()
+        if e.get("paired_diff") and e.get("pooled_df")
+    }
+
+
 def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] | None:
     """Every run of every variant against every ``baseline`` run: do the variants, taken
     together, move mIoU? ``None`` without both.
@@ -156,7 +234,14 @@ def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] |
     the differences between variants, and the SE leans on the baseline's own spread. And
     ``seed_diff``: per seed, the mean of that seed's variant runs minus that seed's
     baseline run, with their mean (``seed_diff_mean``) and the SE of their spread over the
-    seeds (``seed_diff_se``), which keeps each seed's shared baseline run in one term.
+    seeds (``seed_diff_se``), which keeps each seed's shared baseline run in one term, and
+    its 95 % Student t interval over the seeds (``seed_diff_ci``, with ``len(seeds) - 1``
+    degrees of freedom; NaNs for fewer than two seeds).
+
+    And, where runs kept their confusion matrices, which way each variant run moved the
+    class-mean recall and precision against its seed's baseline run: ``rate_runs`` such
+    runs, ``recall_falls`` of them with a lower recall and ``precision_rises`` with a
+    higher precision.
     """
     values = [
         100 * r["mIoU"] for n, runs in results.items() if n != baseline for r in runs.values()
@@ -190,6 +275,18 @@ def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] |
     d = list(per_seed.values())
     out["seed_diff_mean"] = statistics.fmean(d) if d else math.nan
     out["seed_diff_se"] = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    half = out["seed_diff_se"] * student_t_critical(len(d) - 1) if len(d) > 1 else math.nan
+    out["seed_diff_ci"] = (out["seed_diff_mean"] - half, out["seed_diff_mean"] + half)
+    moved = [
+        (_class_means(runs[seed]["confusion"]), _class_means(ref["confusion"]))
+        for seed, ref in base_runs.items()
+        if "confusion" in ref
+        for runs in others
+        if seed in runs and "confusion" in runs[seed]
+    ]
+    out["rate_runs"] = len(moved)
+    out["recall_falls"] = sum(mine[0] < theirs[0] for mine, theirs in moved)
+    out["precision_rises"] = sum(mine[1] > theirs[1] for mine, theirs in moved)
     return out
 
 
@@ -213,26 +310,29 @@ def format_paired_summary(
     w = max([14, *map(len, summary)])
     lines = [
         f"{'variant':<{w}} {'runs':>4} {'mIoU':>7} {'std':>6} {'paired diff':>12} {'SE':>6}"
-        f" {'pooled SE':>9}  per-seed diffs"
+        f" {'pooled SE':>9} {'95 % interval':>15}  per-seed diffs"
     ]
     for name, e in summary.items():
         diff = e.get("diff_mean", math.nan)
         se = e.get("diff_se", math.nan)
         pooled = e.get("diff_se_pooled", math.nan)
         per = " ".join(f"{d:+.2f}" for d in e.get("paired_diff", []))
+        lo, hi = e.get("diff_ci_pooled", (math.nan, math.nan))
+        interval = f"{lo:+.2f} to {hi:+.2f}" if math.isfinite(lo) else "nan"
         if name == baseline:
             lines.append(f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f}")
             continue
         lines.append(
             f"{name:<{w}} {len(e['mIoU']):>4} {e['mean']:7.2f} {e['std']:6.2f} {diff:+12.2f}"
-            f" {se:6.2f} {pooled:9.2f}  {per}"
+            f" {se:6.2f} {pooled:9.2f} {interval:>15}  {per}"
         )
     pooled_of = [e for e in summary.values() if "pooled_sd" in e]
     if pooled_of:
         lines.append(
             f"pooled SE: the per-seed SD of a paired difference pooled over the variants,"
             f" {pooled_of[0]['pooled_sd']:.2f} ({pooled_of[0]['pooled_df']} degrees of freedom),"
-            " over sqrt(runs)"
+            " over sqrt(runs); 95 % interval: the mean +- t on those degrees of freedom times"
+            " the pooled SE"
         )
     deltas = {n: e["class_delta"] for n, e in summary.items() if "class_delta" in e}
     if deltas:
@@ -268,15 +368,24 @@ def format_paired_summary(
 
 
 def format_pooled_effect(effect: Mapping[str, Any]) -> str:
-    """Two lines for :func:`pooled_effect`: the pooled difference with its Welch SE, and
-    the per-seed differences with their SE over the seeds."""
+    """Lines for :func:`pooled_effect`: the pooled difference with its Welch SE; the
+    per-seed differences with their SE and 95 % t interval over the seeds; and, where the
+    runs kept confusion matrices, how many moved recall down and precision up."""
     e = effect
     per = ", ".join(f"seed {s} {d:+.2f}" for s, d in e["seed_diff"].items())
+    lo, hi = e.get("seed_diff_ci", (math.nan, math.nan))
+    rates = (
+        f"\n  paired runs with confusion matrices: {e['rate_runs']}; class-mean recall falls in"
+        f" {e['recall_falls']}, precision rises in {e['precision_rises']}"
+        if e.get("rate_runs")
+        else ""
+    )
     return (
         f"all RCH runs pooled: {e['runs']} runs of {e['variants']} variant(s), mean"
         f" {e['mean']:.2f}, against {e['baseline_runs']} baseline runs, mean"
         f" {e['baseline_mean']:.2f}: {e['diff']:+.2f} (Welch SE {e['se']:.2f},"
         f" {e['df']:.1f} df)\n"
         f"  by seed (RCH runs' mean minus that seed's baseline): {per}; mean"
-        f" {e['seed_diff_mean']:+.2f}, SE over seeds {e['seed_diff_se']:.2f}"
+        f" {e['seed_diff_mean']:+.2f}, SE over seeds {e['seed_diff_se']:.2f}, 95 % t interval"
+        f" {lo:+.2f} to {hi:+.2f}" + rates
     )

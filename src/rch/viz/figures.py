@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..eval.metrics import Scores
+from ..eval.paired import student_t_critical
 from .collect import RunSample
 
 __all__ = [
@@ -220,14 +221,17 @@ def plot_paired_differences(
     path: str | Path,
     *,
     se: Mapping[str, float] | None = None,
+    df: Mapping[str, int] | None = None,
     reference: float | None = None,
     reference_label: str = "",
     unit: str = "mIoU points",
 ) -> Any:
     """Paired differences to a baseline, one row per variant: a dot per seed, the mean as a
-    diamond and, where ``se`` gives the variant's standard error, a bar of +- 1.96 SE (a
-    normal 95 % interval; with a handful of seeds a t interval is wider). A dashed line marks
-    ``reference`` (for example the effect a paper claims).
+    diamond and, where ``se`` gives the variant's standard error, a bar of its 95 %
+    interval. Where ``df`` gives the degrees of freedom of that SE, the bar is a Student t
+    interval (:func:`rch.eval.paired.student_t_critical`); otherwise +- 1.96 SE, a normal
+    interval, which is too narrow for an SE that rests on a handful of seeds. A dashed line
+    marks ``reference`` (for example the effect a paper claims).
 
     Raises:
         ValueError: no variant, or a variant without a difference.
@@ -246,7 +250,10 @@ def plot_paired_differences(
         jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
         ax.scatter(values, y + jitter, s=14, color="#999", zorder=2)
         mean = float(np.mean(values))
-        err = 1.96 * se[name] if se is not None and name in se and math.isfinite(se[name]) else 0
+        err = 0.0
+        if se is not None and name in se and math.isfinite(se[name]):
+            dof = (df or {}).get(name, 0)
+            err = (student_t_critical(dof) if dof > 0 else 1.96) * se[name]
         color = "#2a7" if mean >= 0 else "#c44"
         ax.errorbar(mean, y, xerr=err or None, fmt="D", color=color, markersize=6, capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
@@ -254,7 +261,8 @@ def plot_paired_differences(
         ax.axvline(reference, color="#36c", linestyle="--", linewidth=1, label=reference_label)
         if reference_label:
             ax.legend(fontsize=7, loc="upper left")
-    what = "dots: seeds; diamonds: means" + ("; bars: +- 1.96 SE" if se is not None else "")
+    bars = "95 % intervals (t)" if df and se and set(se) <= set(df) else "95 % intervals"
+    what = "dots: seeds; diamonds: means" + (f"; bars: {bars}" if se is not None else "")
     ax.set_title(what, fontsize=8)
     ax.set_yticks(range(len(names)), names[::-1], fontsize=8)
     ax.set_ylim(-0.6, len(names) - 0.4)
