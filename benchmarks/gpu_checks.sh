@@ -11,8 +11,8 @@
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
 # A lent GPU machine (no network) had all of them but segmentation-models-pytorch: fetch its
 # wheel here first (`pip download --no-deps -d .whl 'segmentation-models-pytorch>=0.6,<0.7'`),
-# carry `.whl` along (git-ignored), and there run `pip install --no-index --no-deps --target /tmp/site
-# .whl/*.whl` with PYTHONPATH=/tmp/site before this script.
+# carry `.whl` along (git-ignored), and there run `pip install --no-index --no-deps --target
+# /tmp/site .whl/*.whl` with PYTHONPATH=/tmp/site before this script.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR}
 py=${PYTHON:-python3}
