@@ -159,8 +159,8 @@ def draw_figures(
     """Two PNGs beside the results file: the paired differences per variant (a dot per seed,
     the mean with its 95 % t interval on the pooled SE, the paper's +1 as a dashed line;
     with ``pooled``, a last row of its per-seed differences with their t interval over
-    the seeds) and the per-class IoU
-    deltas as a heat map. Nothing without a paired variant, or without matplotlib."""
+    the seeds) and the per-class IoU deltas as a heat map. Nothing without a paired
+    variant, or without matplotlib."""
     paired = {name: e for name, e in summary.items() if e.get("paired_diff")}
     if not paired:
         return []
