@@ -110,6 +110,18 @@ def student_t_critical(df: int, level: float = 0.95) -> float:
     return (lo + hi) / 2
 
 
+def _t_interval(mean: float, se: float, df: int) -> tuple[float, float]:
+    """The 95 % Student t interval ``mean +- t(df) se``; NaNs without degrees of freedom."""
+    half = se * student_t_critical(df) if df > 0 else math.nan
+    return mean - half, mean + half
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN when none is."""
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else math.nan
+
+
 def _rates(confusion: list[list[int]]) -> tuple[list[float], list[float]]:
     scores = scores_from_confusion(torch.tensor(confusion))
     return scores.acc, scores.precision  # recall = 1 - FN rate, precision = 1 - FP share
@@ -117,11 +129,8 @@ def _rates(confusion: list[list[int]]) -> tuple[list[float], list[float]]:
 
 def _class_means(confusion: list[list[int]]) -> tuple[float, float]:
     """Mean recall and mean precision over the classes that have them, in points."""
-    means = []
-    for values in _rates(confusion):
-        kept = [v for v in values if not math.isnan(v)]
-        means.append(100 * statistics.fmean(kept) if kept else math.nan)
-    return means[0], means[1]
+    recall, precision = _rates(confusion)
+    return 100 * _nanmean(recall), 100 * _nanmean(precision)
 
 
 def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dict[str, Any]]:
@@ -175,16 +184,14 @@ def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dic
                     ]
                     delta = [statistics.fmean(d) for d in zip(*per_seed, strict=True)]
                     entry[f"{key}_delta"] = dict(zip(classes, delta, strict=True))
-                    kept = [d for d in delta if not math.isnan(d)]
-                    entry[f"mean_{key}_delta"] = statistics.fmean(kept) if kept else math.nan
+                    entry[f"mean_{key}_delta"] = _nanmean(delta)
         out[name] = entry
     sd, df = pooled_diff_sd([e["paired_diff"] for e in out.values() if "paired_diff" in e])
     for entry in out.values():
         if "paired_diff" in entry:
             entry["diff_se_pooled"] = sd / math.sqrt(len(entry["paired_diff"]))
             entry["pooled_sd"], entry["pooled_df"] = sd, df
-            half = entry["diff_se_pooled"] * student_t_critical(df) if df else math.nan
-            entry["diff_ci_pooled"] = (entry["diff_mean"] - half, entry["diff_mean"] + half)
+            entry["diff_ci_pooled"] = _t_interval(entry["diff_mean"], entry["diff_se_pooled"], df)
     return out
 
 
@@ -275,12 +282,15 @@ def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] |
     d = list(per_seed.values())
     out["seed_diff_mean"] = statistics.fmean(d) if d else math.nan
     out["seed_diff_se"] = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
-    half = out["seed_diff_se"] * student_t_critical(len(d) - 1) if len(d) > 1 else math.nan
-    out["seed_diff_ci"] = (out["seed_diff_mean"] - half, out["seed_diff_mean"] + half)
-    moved = [
-        (_class_means(runs[seed]["confusion"]), _class_means(ref["confusion"]))
+    out["seed_diff_ci"] = _t_interval(out["seed_diff_mean"], out["seed_diff_se"], len(d) - 1)
+    base_means = {  # each baseline run's class means, once
+        seed: _class_means(ref["confusion"])
         for seed, ref in base_runs.items()
         if "confusion" in ref
+    }
+    moved = [
+        (_class_means(runs[seed]["confusion"]), theirs)
+        for seed, theirs in base_means.items()
         for runs in others
         if seed in runs and "confusion" in runs[seed]
     ]
