@@ -145,6 +145,16 @@ def test_pooled_effect_counts_which_way_recall_and_precision_moved():
     assert "confusion matrices: 3; class-mean recall falls in 2, precision rises in 1" in (
         format_pooled_effect(e)
     )
+    # each class left out in turn. Without class 0 the recalls are b's: 1, 0.5, 1 against 0.75,
+    # and the precisions 0.67, 0.5, 0.5. Without class 1 the recalls are a's: 0.5, 0.5, 0, and
+    # the precisions 1, 0.5 and none (blind predicts only class 1)
+    assert e["rates_without"] == {"class 0": (1, 0), "class 1": (3, 1)}
+    assert "counts move most without class 0: recall falls in 1, precision rises in 0" in (
+        format_pooled_effect(e)
+    )
+    named = {**base, "IoU": {"road": 0.6, "sign": 0.4}}  # names from the baseline's IoU keys
+    e = pooled_effect({"baseline": {0: named}, "a": {0: sharper}})
+    assert e["rates_without"] == {"road": (0, 0), "sign": (1, 1)}
 
 
 def test_recall_and_precision_deltas_are_paired_by_seed():

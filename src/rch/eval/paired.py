@@ -122,14 +122,23 @@ def _nanmean(values: list[float]) -> float:
     return statistics.fmean(kept) if kept else math.nan
 
 
-def _rates(confusion: list[list[int]]) -> tuple[list[float], list[float]]:
+Rates = tuple[list[float], list[float]]
+"""Per-class recall and precision (fractions; NaN where a class has none)."""
+
+
+def _rates(confusion: list[list[int]]) -> Rates:
     scores = scores_from_confusion(torch.tensor(confusion))
     return scores.acc, scores.precision  # recall = 1 - FN rate, precision = 1 - FP share
 
 
-def _class_means(confusion: list[list[int]]) -> tuple[float, float]:
-    """Mean recall and mean precision over the classes that have them, in points."""
-    recall, precision = _rates(confusion)
+def _class_means(rates: Rates, leave_out: int | None = None) -> tuple[float, float]:
+    """Mean recall and mean precision (of :func:`_rates`) over the classes that have them, in
+    points; without class ``leave_out`` where one is given."""
+    recall, precision = rates
+    if leave_out is not None:
+        recall, precision = (
+            [v for c, v in enumerate(r) if c != leave_out] for r in (recall, precision)
+        )
     return 100 * _nanmean(recall), 100 * _nanmean(precision)
 
 
@@ -248,7 +257,9 @@ def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] |
     And, where runs kept their confusion matrices, which way each variant run moved the
     class-mean recall and precision against its seed's baseline run: ``rate_runs`` such
     runs, ``recall_falls`` of them with a lower recall and ``precision_rises`` with a
-    higher precision.
+    higher precision; and the same two counts with each class left out of the class means in
+    turn (``rates_without``: class name to ``(recall_falls, precision_rises)``), which shows
+    whether one class carries the trend.
     """
     values = [
         100 * r["mIoU"] for n, runs in results.items() if n != baseline for r in runs.values()
@@ -283,21 +294,34 @@ def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] |
     out["seed_diff_mean"] = statistics.fmean(d) if d else math.nan
     out["seed_diff_se"] = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
     out["seed_diff_ci"] = _t_interval(out["seed_diff_mean"], out["seed_diff_se"], len(d) - 1)
-    base_means = {  # each baseline run's class means, once
-        seed: _class_means(ref["confusion"])
-        for seed, ref in base_runs.items()
-        if "confusion" in ref
+    base_rates = {  # each baseline run's rates, once
+        seed: _rates(ref["confusion"]) for seed, ref in base_runs.items() if "confusion" in ref
     }
-    moved = [
-        (_class_means(runs[seed]["confusion"]), theirs)
-        for seed, theirs in base_means.items()
+    pairs = [
+        (_rates(runs[seed]["confusion"]), theirs)
+        for seed, theirs in base_rates.items()
         for runs in others
         if seed in runs and "confusion" in runs[seed]
     ]
-    out["rate_runs"] = len(moved)
-    out["recall_falls"] = sum(mine[0] < theirs[0] for mine, theirs in moved)
-    out["precision_rises"] = sum(mine[1] > theirs[1] for mine, theirs in moved)
+    out["rate_runs"] = len(pairs)
+    out["recall_falls"], out["precision_rises"] = _moved(pairs)
+    out["rates_without"] = {}
+    if pairs:
+        names = next(iter(base_runs.values())).get("IoU", {})
+        k = len(pairs[0][1][0])
+        labels = list(names) if len(names) == k else [f"class {c}" for c in range(k)]
+        out["rates_without"] = {labels[c]: _moved(pairs, c) for c in range(k)}
     return out
+
+
+def _moved(pairs: list[tuple[Rates, Rates]], leave_out: int | None = None) -> tuple[int, int]:
+    """How many (variant, baseline) pairs of :func:`_rates` lower the class-mean recall, and
+    how many raise the class-mean precision (without class ``leave_out`` where one is given)."""
+    means = [(_class_means(a, leave_out), _class_means(b, leave_out)) for a, b in pairs]
+    return (
+        sum(mine[0] < theirs[0] for mine, theirs in means),
+        sum(mine[1] > theirs[1] for mine, theirs in means),
+    )
 
 
 def marked_first(classes: Collection[str], mark: Collection[str]) -> list[str]:
@@ -390,6 +414,16 @@ def format_pooled_effect(effect: Mapping[str, Any]) -> str:
         if e.get("rate_runs")
         else ""
     )
+    without = e.get("rates_without") or {}
+    if without:  # the class whose omission moves the two counts most
+        both = (e["recall_falls"], e["precision_rises"])
+        name, counts = max(
+            without.items(), key=lambda item: abs(item[1][0] - both[0]) + abs(item[1][1] - both[1])
+        )
+        rates += (
+            f"\n  leaving one class out of the means at a time, the counts move most without"
+            f" {name}: recall falls in {counts[0]}, precision rises in {counts[1]}"
+        )
     return (
         f"all RCH runs pooled: {e['runs']} runs of {e['variants']} variant(s), mean"
         f" {e['mean']:.2f}, against {e['baseline_runs']} baseline runs, mean"
