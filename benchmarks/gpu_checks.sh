@@ -2,7 +2,8 @@
 # The checks that need a CUDA GPU, as one script: the core's tests on CUDA (fp16 autocast
 # and the no-host-sync check included), a short fp16-AMP training run, the training-step
 # cost at the paper's crop (512 x 1024, AMP fp16; with and without rch.validate) and the
-# loss cost on the GPU, and what is live at the step's memory peak (gpu_memory.py). Most
+# loss cost on the GPU, and what is live at the step's memory peak (gpu_memory.py; for
+# DeepLabV3 also with small cuBLAS workspaces). Most
 # important first: a lent machine's time may end before the last step. 5.5 minutes on an
 # H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
 # 18 s, loss_cost 22 s, the AMP run 19 s). The step logs end up in OUT/logs.tar.gz (a lent
@@ -36,6 +37,11 @@ step cuda_tests 120 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovi
     -o addopts="" tests/test_functional.py tests/test_loss.py tests/test_properties.py \
     tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py
 step gpu_memory 90 "$py" benchmarks/gpu_memory.py --validate-off --out "$out/gpu_memory.json"
+# DeepLabV3's baseline runs no matmul, so RCH's small ones bring in cuBLAS workspaces (2 x 32
+# MiB on an H200, 2.3 of its 4.5 points): how much of the gap is left with 4 MiB ones?
+step gpu_memory_small_workspace 60 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
+    "$py" benchmarks/gpu_memory.py --validate-off --networks deeplabv3_resnet50 \
+    --out "$out/gpu_memory_small_workspace.json"
 step loss_cost 90 "$py" benchmarks/loss_cost.py --device cuda --reps 20 --pairwise-reps 3 \
     --out "$out/loss_cost_cuda.json"
 step amp_train 40 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progress --overwrite \
