@@ -157,6 +157,9 @@ def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dic
     class with their class means ``mean_recall_delta`` / ``mean_precision_delta``.
     """
     base = results.get(baseline, {})
+    base_rates = {  # each baseline run's rates, once
+        seed: _rates(ref["confusion"]) for seed, ref in base.items() if "confusion" in ref
+    }
     out: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
         seeds = sorted(runs)
@@ -182,10 +185,8 @@ def summarize_paired(results: Runs, baseline: str = "baseline") -> dict[str, dic
                 )
                 for c in classes
             }
-            if all("confusion" in runs[s] and "confusion" in base[s] for s in paired):
-                rates = [
-                    (_rates(runs[s]["confusion"]), _rates(base[s]["confusion"])) for s in paired
-                ]
+            if all("confusion" in runs[s] and s in base_rates for s in paired):
+                rates = [(_rates(runs[s]["confusion"]), base_rates[s]) for s in paired]
                 for i, key in enumerate(("recall", "precision")):
                     per_seed = [
                         [100 * (a - b) for a, b in zip(mine[i], theirs[i], strict=True)]
