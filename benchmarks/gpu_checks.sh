@@ -6,7 +6,8 @@
 # DeepLabV3 also with small cuBLAS workspaces). Most
 # important first: a lent machine's time may end before the last step. 5.5 minutes on an
 # H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
-# 18 s, loss_cost 22 s, the AMP run 19 s). The step logs end up in OUT/logs.tar.gz (a lent
+# 18 s, loss_cost 22 s, the AMP run 19 s), measured before the small-workspace step was
+# added (about 20 s more, estimated from gpu_memory's 18 s). The step logs end up in OUT/logs.tar.gz (a lent
 # machine returns at most 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
