@@ -6,8 +6,12 @@ RCH attached (forward, OHEM cross-entropy + auxiliary loss (+ RCH loss), backwar
 step), interleaved, and reports the median of each and their ratio. Peak memory: each
 variant trains in its own child process, and the process's peak resident set (Linux VmHWM)
 over the measured steps is reported, model and optimiser state included; on CUDA, the peak
-allocated by tensors. Inference: the exported RCH model is checked against the baseline
-architecture (parameter count, FLOPs from torch's FlopCounterMode, bitwise outputs).
+allocated by tensors. On the CPU the child also reports the file-backed part of its resident
+set at the end (RssFile: the pages of torch's and the other shared libraries that the process
+touched), and the memory ratio is given once more without it: that part is code, not tensors,
+and how much of it is resident varies with the machine's page cache. Inference: the exported
+RCH model is checked against the baseline architecture (parameter count, FLOPs from torch's
+FlopCounterMode, bitwise outputs).
 
 Run: ``python benchmarks/train_cost.py [--quick] [--device cuda --amp fp16 --crop 512 1024]``
 """
@@ -114,8 +118,12 @@ def time_network(name: str, args: argparse.Namespace) -> dict:
     return {"time_s": med, "times_s": times, "time_ratio": med["rch"] / med["baseline"]}
 
 
-def memory_child(name: str, variant: str, args: argparse.Namespace) -> float:
-    """In a child process: peak memory (MiB) over warm-up + measured steps of one variant."""
+def memory_child(name: str, variant: str, args: argparse.Namespace) -> dict[str, float]:
+    """In a child process: peak memory (MiB) over warm-up + measured steps of one variant.
+
+    ``peak``: VmHWM on the CPU, the peak allocated by tensors on CUDA. ``file``: on the CPU, the
+    file-backed resident set (RssFile) after the steps; absent on CUDA.
+    """
     device = args.device
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -126,16 +134,16 @@ def memory_child(name: str, variant: str, args: argparse.Namespace) -> float:
     for _ in range(2):
         step(cfg, net, opt, x, y, amp_dtype(args.amp), device)
     if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _kib("VmHWM") / 1024
+        return {"peak": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak": _kib("VmHWM") / 1024, "file": _kib("RssFile") / 1024}
 
 
-def memory(name: str, variant: str, cli: list[str]) -> float:
+def memory(name: str, variant: str, cli: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.json"
         cmd = [sys.executable, __file__, *cli, "--memory-child", name, variant, str(out)]
         subprocess.run(cmd, check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
-        return float(json.loads(out.read_text()))
+        return dict(json.loads(out.read_text()))
 
 
 def inference_check(name: str, args: argparse.Namespace) -> dict:
@@ -209,13 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     print(
         f"{'network':<20} {'base s/it':>10} {'RCH s/it':>10} {'time':>7} {'base MiB':>9} "
-        f"{'RCH MiB':>9} {'memory':>7}  inference (params, FLOPs, outputs)"
+        f"{'RCH MiB':>9} {'memory':>7} {'no files':>8}  inference (params, FLOPs, outputs)"
     )
     for name in args.networks:
         res = time_network(name, args)
-        mem = {v: memory(name, v, cli) for v in ("baseline", "rch")}
+        child = {v: memory(name, v, cli) for v in ("baseline", "rch")}
+        mem = {v: m["peak"] for v, m in child.items()}
         res["peak_mib"] = mem
         res["memory_ratio"] = mem["rch"] / mem["baseline"]
+        without = "-"
+        if all("file" in m for m in child.values()):
+            res["file_backed_mib"] = files = {v: m["file"] for v, m in child.items()}
+            res["memory_ratio_without_files"] = ratio = (mem["rch"] - files["rch"]) / (
+                mem["baseline"] - files["baseline"]
+            )
+            without = f"{ratio:.3f}"
         res["inference"] = inf = inference_check(name, args)
         results[name] = res
         same = (
@@ -227,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<20} {res['time_s']['baseline']:10.3f} {res['time_s']['rch']:10.3f} "
             f"{res['time_ratio']:7.3f} {mem['baseline']:9.0f} {mem['rch']:9.0f} "
-            f"{res['memory_ratio']:7.3f}  {'identical' if same else 'DIFFERENT'}",
+            f"{res['memory_ratio']:7.3f} {without:>8}  {'identical' if same else 'DIFFERENT'}",
             flush=True,
         )
     meta = run_meta(

@@ -78,6 +78,12 @@ def test_train_cost_quick_checks_inference_equality(tmp_path: Path):
     assert inf["flops_exported"] == inf["flops_baseline"] > 0
     assert inf["outputs_bitwise_equal_to_attached"] and inf["state_dict_keys_equal"]
     assert res["time_ratio"] > 0 and res["memory_ratio"] > 0
+    # The file-backed pages (shared libraries) are part of the peak, not all of it, and the
+    # ratio without them is computed from the same four numbers.
+    peak, files = res["peak_mib"], res["file_backed_mib"]
+    assert all(0 < files[v] < peak[v] for v in ("baseline", "rch"))
+    without = (peak["rch"] - files["rch"]) / (peak["baseline"] - files["baseline"])
+    assert res["memory_ratio_without_files"] == without
 
 
 def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
