@@ -29,6 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_meta
 from rch.eval.paired import (
+    additive_effects,
+    format_additive_effects,
     format_paired_summary,
     format_pooled_effect,
     marked_first,
@@ -292,7 +294,17 @@ def main(argv: list[str] | None = None) -> int:
         meta["elapsed_s"] = round(time.time() - started)
         present = {k: dict(sorted(v.items())) for k, v in done.items() if v}
         summary = summarize(present)
-        data = {"meta": meta, "summary": summary, "pooled": pooled_effect(present)}
+        try:  # the variant + seed fit needs every variant to share a seed with the rest
+            additive = additive_effects(present)
+        except ValueError as err:
+            print(f"no additive fit: {err}", flush=True)
+            additive = None
+        data = {
+            "meta": meta,
+            "summary": summary,
+            "pooled": pooled_effect(present),
+            "additive": additive,
+        }
         args.results.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.results.with_name(args.results.name + ".tmp")
         tmp.write_text(json.dumps(json_safe({**data, "runs": present}), indent=1))
@@ -326,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(data["summary"]))
     if data["pooled"] is not None:
         print(format_pooled_effect(data["pooled"]))
+    if data["additive"] is not None:
+        print(format_additive_effects(data["additive"]))
     print(f"written: {args.results}")
     for png in draw_figures(data["summary"], args.results, data["pooled"]):
         print(f"written: {png}")

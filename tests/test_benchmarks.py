@@ -134,6 +134,11 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     assert set(paper["recall_delta"]) == set(paper["precision_delta"]) == set(paper["class_delta"])
     assert data["pooled"]["runs"] == 2 and set(data["pooled"]["seed_diff"]) == {"0", "1"}
     assert "all RCH runs pooled: 2 runs of 1 variant(s)" in first.stdout
+    fit = data["additive"]  # variant + seed, least squares: balanced, so the paired mean
+    assert fit["df"] == 1 and fit["effects"]["paper"]["effect"] == pytest.approx(
+        statistics.fmean(paper["paired_diff"]), abs=1e-9
+    )
+    assert "two-way additive fit (variant + seed, least squares over all 4 runs)" in first.stdout
     stamp = (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns == stamp

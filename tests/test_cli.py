@@ -117,6 +117,11 @@ def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
     assert summary["pooled"]["runs"] == 4 and summary["pooled"]["baseline_runs"] == 2
     assert "class (IoU delta)" in table and "recall / precision delta" in table
     assert "all RCH runs pooled: 4 runs of 2 variant(s)" in table
+    # the variant + seed fit: with every variant on every seed, the paired means
+    additive = summary["additive"]
+    assert additive["runs"] == 6 and additive["df"] == (3 - 1) * (2 - 1)
+    assert additive["effects"]["full"]["effect"] == pytest.approx(full["diff_mean"], abs=1e-9)
+    assert "two-way additive fit (variant + seed, least squares over all 6 runs)" in table
     cfg = load_checkpoint(tmp_path / "runs" / "cli-tp-s1" / "checkpoints" / "last.pt")["config"]
     assert cfg["seed"] == 1 and cfg["rch"]["fn_term"] is False and cfg["rch"]["fp_term"] is False
     stamp = (tmp_path / "runs" / "cli-full-s0" / "eval.json").stat().st_mtime_ns

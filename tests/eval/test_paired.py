@@ -8,8 +8,12 @@ import statistics
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rch.eval.paired import (
+    additive_effects,
+    format_additive_effects,
     format_paired_summary,
     format_pooled_effect,
     marked_first,
@@ -185,3 +189,118 @@ def test_the_table_puts_marked_classes_first_and_fits_long_names():
     assert rows[first + 3].split() == ["a-very-long-class-name", "+20.00"]
     assert rows[1].split() == ["baseline", "1", "50.00", "nan"]
     assert marked_first(["Sky", "Pole"], ["Bicyclist", "Pole"]) == ["Pole", "Sky"]
+
+
+def _runs(table: dict[str, dict[int, float]]) -> dict[str, dict[int, dict[str, Any]]]:
+    return {
+        n: {s: {"mIoU": v / 100, "IoU": {}} for s, v in seeds.items()} for n, seeds in table.items()
+    }
+
+
+def test_additive_fit_of_a_complete_design_is_the_paired_analysis():
+    """Every variant on every seed: the effects are the paired mean differences, the
+    residual is the two-way interaction (y - row mean - column mean + grand mean) on
+    (variants - 1)(seeds - 1) degrees of freedom, and a contrast with the baseline has
+    SE residual_sd * sqrt(2 / seeds)."""
+    table = {
+        "baseline": {0: 57.6, 1: 57.1, 2: 57.3, 3: 55.1},
+        "a": {0: 57.2, 1: 56.0, 2: 57.9, 3: 55.9},
+        "b": {0: 56.9, 1: 57.4, 2: 57.7, 3: 56.4},
+    }
+    fit = additive_effects(_runs(table))
+    assert fit is not None and fit["df"] == 2 * 3 and fit["runs"] == 12
+    seeds = range(4)
+    grand = statistics.fmean(v for row in table.values() for v in row.values())
+    col = {s: statistics.fmean(row[s] for row in table.values()) for s in seeds}
+    ss = 0.0
+    for row in table.values():
+        row_mean = statistics.fmean(row.values())
+        ss += sum((row[s] - row_mean - col[s] + grand) ** 2 for s in seeds)
+    sd = math.sqrt(ss / 6)
+    assert fit["residual_sd"] == pytest.approx(sd, rel=1e-9)
+    t = student_t_critical(6)
+    for name in ("a", "b"):
+        e = fit["effects"][name]
+        paired = statistics.fmean(table[name][s] - table["baseline"][s] for s in seeds)
+        assert e["effect"] == pytest.approx(paired, abs=1e-9)
+        assert e["se"] == pytest.approx(sd * math.sqrt(2 / 4), rel=1e-9)
+        assert e["ci"] == pytest.approx((paired - t * e["se"], paired + t * e["se"]), abs=1e-9)
+        assert e["seeds"] == 4
+    # seed effects relative to the first seed: column mean differences
+    assert fit["seed_effects"] == pytest.approx({s: col[s] - col[0] for s in seeds}, abs=1e-9)
+
+
+def test_additive_fit_does_not_let_one_baseline_draw_lift_only_the_variants_on_its_seed():
+    """The baseline's seed-3 run is low by 2 points; the other variants say seed 3 costs 1.
+    Paired, only the variant that has seed 3 gains from that draw (+0.25 against 0); the
+    additive fit spreads the draw over the baseline's level, so the variant without seed 3
+    gains from it too and the gap between the two narrows."""
+    table = {
+        "baseline": {0: 50.0, 1: 50.0, 2: 50.0, 3: 48.0},
+        "with3": {0: 50.0, 1: 50.0, 2: 50.0, 3: 49.0},
+        "without3": {0: 50.0, 1: 50.0, 2: 50.0},
+        "other": {0: 51.0, 1: 51.0, 2: 51.0, 3: 50.0},
+    }
+    runs = _runs(table)
+    paired = summarize_paired(runs)
+    assert paired["with3"]["diff_mean"] == pytest.approx(0.25)
+    assert paired["without3"]["diff_mean"] == pytest.approx(0.0, abs=1e-9)
+    fit = additive_effects(runs)
+    assert fit is not None
+    e = fit["effects"]
+    assert e["without3"]["effect"] > 0.1  # the baseline's low draw lowers its level
+    assert 0 < e["with3"]["effect"] - e["without3"]["effect"] < 0.25 / 2
+    assert fit["seed_effects"][3] == pytest.approx(-4 / 3)  # (-2 - 1 - 1) / 3 runs
+    assert e["without3"]["seeds"] == 3 and e["without3"]["se"] > e["with3"]["se"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(-3, 3), min_size=3, max_size=3),
+    st.lists(st.floats(-3, 3), min_size=4, max_size=4),
+    st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_additive_fit_recovers_exact_additive_scores_whatever_runs_are_missing(
+    effects: list[float], seed_effects: list[float], keep: list[bool]
+):
+    """Noise-free additive scores: the fit returns the true effects (against the baseline)
+    and seed effects (against the first seed) from any set of runs that leaves the design
+    connected (here: the baseline on every seed, every other variant on at least one)."""
+    names = ["baseline", "x", "y", "z"]
+    a = [0.0, *effects]
+    table: dict[str, dict[int, float]] = {}
+    for v, name in enumerate(names):
+        seeds = {s for s in range(4) if v == 0 or keep[(v - 1) * 4 + s]} | {v % 4}
+        if name == "x":
+            seeds |= {0, 1}  # at least 8 runs for the 7 parameters
+        table[name] = {s: 55.0 + a[v] + seed_effects[s] for s in sorted(seeds)}
+    fit = additive_effects(_runs(table))
+    assert fit is not None and fit["df"] >= 1
+    for v, name in enumerate(names[1:], start=1):
+        assert fit["effects"][name]["effect"] == pytest.approx(a[v], abs=1e-7)
+    for s in range(4):
+        assert fit["seed_effects"][s] == pytest.approx(seed_effects[s] - seed_effects[0], abs=1e-7)
+    assert fit["residual_sd"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_additive_fit_refuses_a_variant_that_shares_no_seed_and_needs_a_residual():
+    base = {0: 50.0, 1: 51.0, 2: 49.0}
+    alone = _runs({"baseline": base, "a": {0: 50.5, 1: 51.5, 2: 49.0}, "x": {3: 52.0}})
+    with pytest.raises(ValueError, match="do not connect"):
+        additive_effects(alone)
+    assert additive_effects(_runs({"baseline": {0: 50.0}, "a": {0: 51.0}})) is None  # 0 df
+    assert additive_effects(_runs({"a": {0: 51.0, 1: 52.0}})) is None  # no baseline
+    assert additive_effects(_runs({"baseline": base})) is None  # nothing to compare
+
+
+def test_format_additive_effects_lists_every_variant_with_its_interval():
+    fit = additive_effects(
+        _runs({"baseline": {0: 50.0, 1: 51.0, 2: 49.0}, "rch": {0: 51.0, 1: 51.5, 2: 50.5}})
+    )
+    assert fit is not None
+    text = format_additive_effects(fit)
+    e = fit["effects"]["rch"]
+    assert f"over all {fit['runs']} runs" in text
+    assert f"{e['effect']:+.2f}" in text and f"{e['ci'][0]:+.2f} to {e['ci'][1]:+.2f}" in text
+    assert f"residual SD {fit['residual_sd']:.2f} ({fit['df']} df)" in text
+    assert "seed 2 " in text

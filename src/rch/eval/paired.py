@@ -28,6 +28,8 @@ from .metrics import scores_from_confusion
 
 __all__ = [
     "Runs",
+    "additive_effects",
+    "format_additive_effects",
     "format_paired_summary",
     "format_pooled_effect",
     "marked_first",
@@ -315,6 +317,87 @@ def pooled_effect(results: Runs, baseline: str = "baseline") -> dict[str, Any] |
     return out
 
 
+def additive_effects(results: Runs, baseline: str = "baseline") -> dict[str, Any] | None:
+    """Every run at once, as a variant effect plus a seed effect plus noise: a two-way
+    additive model ``100 mIoU[v, s] = mu + a[v] + b[s] + e``, fit by least squares over all
+    runs, with ``a[baseline] = 0``. ``None`` without a baseline run and another variant's,
+    or when the runs leave no residual degree of freedom.
+
+    Pairing by seed compares a variant's seed-s run with the one baseline run of seed s, so
+    a low or high draw of that baseline run moves every variant that has seed s, and only
+    those. Here the seed effects ``b`` are estimated from every variant's runs on that seed,
+    and the baseline's level from all of its runs: with every variant on every seed the
+    effects equal the paired mean differences, and where seeds are missing the variants are
+    compared on one footing. The residual SD (``residual_sd``, ``df`` = runs - variants -
+    seeds + 1 degrees of freedom) is the noise of one run, with the variant-by-seed
+    interaction in it.
+
+    Returns ``effects`` (variant -> ``effect``, ``se``, ``ci``: a 95 % Student t interval
+    on ``df``, ``seeds``: its number of runs), ``seed_effects`` (seed -> ``b[s] - b[first
+    seed]``), ``residual_sd``, ``df`` and ``runs``.
+
+    Raises:
+        ValueError: when the variants and seeds do not connect (some variant shares no seed
+            with the rest), so that the effects are not determined.
+
+    Example:
+        >>> def run(miou):
+        ...     return {"mIoU": miou}
+        >>> runs = {"baseline": {0: run(0.50), 1: run(0.52), 2: run(0.48)},
+        ...         "rch": {0: run(0.51), 1: run(0.53)}}
+        >>> fit = additive_effects(runs)
+        >>> round(fit["effects"]["rch"]["effect"], 2), fit["df"]
+        (1.0, 1)
+    """
+    names = [baseline, *(n for n, runs in results.items() if n != baseline and runs)]
+    if not results.get(baseline) or len(names) < 2:
+        return None
+    seeds = sorted({s for n in names for s in results[n]})
+    cells = [(n, s, 100 * float(results[n][s]["mIoU"])) for n in names for s in results[n]]
+    p = len(names) + len(seeds) - 1  # mu, a[v] for v != baseline, b[s] for s != first
+    df = len(cells) - p
+    if df < 1:
+        return None
+    x = torch.zeros(len(cells), p, dtype=torch.float64)
+    x[:, 0] = 1.0
+    for i, (n, s, _) in enumerate(cells):
+        v, k = names.index(n), seeds.index(s)
+        if v:
+            x[i, v] = 1.0
+        if k:
+            x[i, len(names) - 1 + k] = 1.0
+    y = torch.tensor([c[2] for c in cells], dtype=torch.float64)
+    gram = x.T @ x
+    if int(torch.linalg.matrix_rank(gram)) < p:
+        raise ValueError(
+            "the variants and seeds do not connect: some variant shares no seed with the"
+            " others, so its effect is not determined"
+        )
+    cov_unit = torch.linalg.inv(gram)
+    coef = cov_unit @ (x.T @ y)
+    resid = y - x @ coef
+    sd = math.sqrt(float(resid @ resid) / df)
+    effects = {}
+    for v, n in enumerate(names[1:], start=1):
+        se = sd * math.sqrt(float(cov_unit[v, v]))
+        effect = float(coef[v])
+        effects[n] = {
+            "effect": effect,
+            "se": se,
+            "ci": _t_interval(effect, se, df),
+            "seeds": len(results[n]),
+        }
+    seed_effects = {seeds[0]: 0.0}
+    seed_effects.update({s: float(coef[len(names) - 1 + k]) for k, s in enumerate(seeds) if k})
+    return {
+        "effects": effects,
+        "seed_effects": seed_effects,
+        "residual_sd": sd,
+        "df": df,
+        "runs": len(cells),
+    }
+
+
 def _moved(pairs: list[tuple[Rates, Rates]], leave_out: int | None = None) -> tuple[int, int]:
     """How many (variant, baseline) pairs of :func:`_rates` lower the class-mean recall, and
     how many raise the class-mean precision (without class ``leave_out`` where one is given)."""
@@ -434,3 +517,20 @@ def format_pooled_effect(effect: Mapping[str, Any]) -> str:
         f" {e['seed_diff_mean']:+.2f}, SE over seeds {e['seed_diff_se']:.2f}, 95 % t interval"
         f" {lo:+.2f} to {hi:+.2f}" + rates
     )
+
+
+def format_additive_effects(fit: Mapping[str, Any]) -> str:
+    """Lines for :func:`additive_effects`: the residual SD and its degrees of freedom, the
+    seed effects, then each variant's effect against the baseline with its SE and 95 %
+    t interval."""
+    seeds = ", ".join(f"seed {s} {b:+.2f}" for s, b in fit["seed_effects"].items())
+    lines = [
+        f"two-way additive fit (variant + seed, least squares over all {fit['runs']} runs):"
+        f" residual SD {fit['residual_sd']:.2f} ({fit['df']} df); seed effects {seeds}",
+        f"  {'variant':<22}{'runs':>5}{'effect':>9}{'SE':>7}  95 % interval",
+    ]
+    for name, e in fit["effects"].items():
+        lo, hi = e["ci"]
+        row = f"  {name:<22}{e['seeds']:>5}{e['effect']:>+9.2f}{e['se']:>7.2f}"
+        lines.append(f"{row}  {lo:+.2f} to {hi:+.2f}")
+    return "\n".join(lines)

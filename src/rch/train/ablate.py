@@ -13,6 +13,8 @@ from typing import Any
 
 from ..errors import RCHError
 from ..eval.paired import (
+    additive_effects,
+    format_additive_effects,
     format_paired_summary,
     format_pooled_effect,
     pooled_effect,
@@ -226,6 +228,9 @@ class Ablation:
     pooled: dict[str, Any] | None
     """:func:`rch.eval.paired.pooled_effect` of ``runs`` (``None`` without a baseline)."""
     path: Path
+    additive: dict[str, Any] | None = None
+    """:func:`rch.eval.paired.additive_effects` of ``runs`` (``None`` without a baseline or
+    without a residual degree of freedom, as with one seed)."""
 
     @property
     def miou(self) -> dict[str, list[float]]:
@@ -237,9 +242,14 @@ class Ablation:
 
     def format(self, mark: Collection[str] = ()) -> str:
         """The paired table (:func:`rch.eval.paired.format_paired_summary`; classes in
-        ``mark`` first) and, with a baseline, the pooled effect of all variants."""
+        ``mark`` first) and, with a baseline, the pooled effect of all variants and the
+        variant + seed fit where it has a residual."""
         text = format_paired_summary(self.summary, mark=mark)
-        return text if self.pooled is None else text + "\n" + format_pooled_effect(self.pooled)
+        if self.pooled is not None:
+            text += "\n" + format_pooled_effect(self.pooled)
+        if self.additive is not None:
+            text += "\n" + format_additive_effects(self.additive)
+        return text
 
 
 def ablate(
@@ -260,10 +270,17 @@ def ablate(
     found = run_variants(cfg, variants(rows, grid), seeds, progress, jobs=jobs)
     runs = {name: dict(zip(seeds, rs, strict=True)) for name, rs in found.items()}
     summary, pooled = summarize_paired(runs), pooled_effect(runs)
+    additive = additive_effects(runs)  # every variant ran every seed: connected
     path = Path(cfg.train.out_dir) / f"{cfg.name}-ablation.json"
-    result = Ablation(list(seeds), runs, summary, pooled, path)
+    result = Ablation(list(seeds), runs, summary, pooled, path, additive)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"seeds": list(seeds), "mIoU": result.miou, "summary": summary, "pooled": pooled}
+    data = {
+        "seeds": list(seeds),
+        "mIoU": result.miou,
+        "summary": summary,
+        "pooled": pooled,
+        "additive": additive,
+    }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(json_safe(data), indent=1))
     tmp.replace(path)
