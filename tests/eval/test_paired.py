@@ -213,9 +213,11 @@ def test_additive_fit_of_a_complete_design_is_the_paired_analysis():
     grand = statistics.fmean(v for row in table.values() for v in row.values())
     col = {s: statistics.fmean(row[s] for row in table.values()) for s in seeds}
     ss = 0.0
-    for row in table.values():
+    for name, row in table.items():
         row_mean = statistics.fmean(row.values())
-        ss += sum((row[s] - row_mean - col[s] + grand) ** 2 for s in seeds)
+        inter = {s: row[s] - row_mean - col[s] + grand for s in seeds}
+        assert fit["residuals"][name] == pytest.approx(inter, abs=1e-9)
+        ss += sum(v**2 for v in inter.values())
     sd = math.sqrt(ss / 6)
     assert fit["residual_sd"] == pytest.approx(sd, rel=1e-9)
     t = student_t_critical(6)

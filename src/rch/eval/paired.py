@@ -334,7 +334,8 @@ def additive_effects(results: Runs, baseline: str = "baseline") -> dict[str, Any
 
     Returns ``effects`` (variant -> ``effect``, ``se``, ``ci``: a 95 % Student t interval
     on ``df``, ``seeds``: its number of runs), ``seed_effects`` (seed -> ``b[s] - b[first
-    seed]``), ``residual_sd``, ``df`` and ``runs``.
+    seed]``), ``residuals`` (variant -> seed -> that run's score minus its fitted value:
+    which runs are high or low draws), ``residual_sd``, ``df`` and ``runs``.
 
     Raises:
         ValueError: when the variants and seeds do not connect (some variant shares no seed
@@ -389,9 +390,13 @@ def additive_effects(results: Runs, baseline: str = "baseline") -> dict[str, Any
         }
     seed_effects = {seeds[0]: 0.0}
     seed_effects.update({s: float(coef[len(names) - 1 + k]) for k, s in enumerate(seeds) if k})
+    residuals: dict[str, dict[Any, float]] = {n: {} for n in names}
+    for (n, s, _), r in zip(cells, resid.tolist(), strict=True):
+        residuals[n][s] = r
     return {
         "effects": effects,
         "seed_effects": seed_effects,
+        "residuals": residuals,
         "residual_sd": sd,
         "df": df,
         "runs": len(cells),
