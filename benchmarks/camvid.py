@@ -156,13 +156,17 @@ POOLED_ROW = "all RCH runs, by seed"
 
 
 def draw_figures(
-    summary: dict[str, Any], results: Path, pooled: dict[str, Any] | None = None
+    summary: dict[str, Any],
+    results: Path,
+    pooled: dict[str, Any] | None = None,
+    additive: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Two PNGs beside the results file: the paired differences per variant (a dot per seed,
     the mean with its 95 % t interval on the pooled SE, the paper's +1 as a dashed line;
-    with ``pooled``, a last row of its per-seed differences with their t interval over
-    the seeds) and the per-class IoU deltas as a heat map. Nothing without a paired
-    variant, or without matplotlib."""
+    with ``additive``, each variant's effect in the variant + seed fit with its interval, a
+    hollow square below; with ``pooled``, a last row of its per-seed differences with their
+    t interval over the seeds) and the per-class IoU deltas as a heat map. Nothing without
+    a paired variant, or without matplotlib."""
     paired = {name: e for name, e in summary.items() if e.get("paired_diff")}
     if not paired:
         return []
@@ -187,6 +191,9 @@ def draw_figures(
             df=dofs,
             reference=1.0,
             reference_label="the paper's gain (Cityscapes)",
+            fitted=None
+            if additive is None
+            else {n: (e["effect"], *e["ci"]) for n, e in additive["effects"].items()},
         )
         figures.plot_class_deltas(
             {name: {c: d[c] for c in ordered} for name, d in deltas.items()}, classes_png, mark=RARE
@@ -341,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if data["additive"] is not None:
         print(format_additive_effects(data["additive"]))
     print(f"written: {args.results}")
-    for png in draw_figures(data["summary"], args.results, data["pooled"]):
+    for png in draw_figures(data["summary"], args.results, data["pooled"], data["additive"]):
         print(f"written: {png}")
     return 0
 

@@ -278,6 +278,10 @@ def test_camvid_figures_are_skipped_without_matplotlib(tmp_path: Path, monkeypat
     # the pooled row's interval is a t interval over its seeds; "paper" has a pooled SD of 0
     # over 1 degree of freedom
     assert drawn["df"] == {"paper": 1, camvid.POOLED_ROW: 1}
+    assert drawn["fitted"] is None  # no variant + seed fit given
+    additive = {"effects": {"paper": {"effect": 1.0, "ci": (0.2, 1.8)}}}
+    camvid.draw_figures(summary, tmp_path / "camvid.json", pooled, additive)
+    assert drawn["fitted"] == {"paper": (1.0, 0.2, 1.8)}
     assert camvid.rare_first(["Sky", "Bicyclist", "Pole"]) == ["Pole", "Bicyclist", "Sky"]
 
 

@@ -104,6 +104,26 @@ def test_paired_differences_draw_t_intervals_where_degrees_of_freedom_are_given(
     assert fig.axes[0].get_title().endswith("bars: 95 % intervals (t)")
 
 
+def test_paired_differences_add_a_fitted_estimate_below_the_mean(tmp_path):
+    """``fitted`` draws another estimate of a variant's effect as a hollow square just below
+    its diamond, with that estimate's own (asymmetric-capable) interval."""
+    fig = figures.plot_paired_differences(
+        {"a": [1.0, -0.5, 0.2], "b": [-1.5]},
+        tmp_path / "p.png",
+        se={"a": 0.4, "b": 0.8},
+        fitted={"b": (-0.9, -2.0, 0.4)},
+    )
+    (ax,) = fig.axes
+    squares = [c for c in ax.containers if c.lines[0].get_marker() == "s"]
+    assert len(squares) == 1  # only "b" has a fitted estimate
+    (square,) = squares
+    assert square.lines[0].get_xdata()[0] == pytest.approx(-0.9)
+    assert square.lines[0].get_ydata()[0] == pytest.approx(0 - 0.28)  # "b" is the bottom row
+    low, high = square.lines[2][0].get_segments()[0][:, 0]
+    assert (low, high) == pytest.approx((-2.0, 0.4))
+    assert ax.get_title().endswith("squares: variant + seed fit")
+
+
 def test_class_deltas_heat_map_is_symmetric_about_zero(tmp_path):
     deltas = {"a": {"Pole": 2.0, "Sky": -0.5}, "b": {"Pole": -3.0, "Sky": float("nan")}}
     fig = figures.plot_class_deltas(deltas, tmp_path / "c.png", mark=["Pole"])

@@ -225,13 +225,17 @@ def plot_paired_differences(
     reference: float | None = None,
     reference_label: str = "",
     unit: str = "mIoU points",
+    fitted: Mapping[str, tuple[float, float, float]] | None = None,
 ) -> Any:
     """Paired differences to a baseline, one row per variant: a dot per seed, the mean as a
     diamond and, where ``se`` gives the variant's standard error, a bar of its 95 %
     interval. Where ``df`` gives the degrees of freedom of that SE, the bar is a Student t
     interval (:func:`rch.eval.paired.student_t_critical`); otherwise +- 1.96 SE, a normal
     interval, which is too narrow for an SE that rests on a handful of seeds. A dashed line
-    marks ``reference`` (for example the effect a paper claims).
+    marks ``reference`` (for example the effect a paper claims). ``fitted`` adds, a little
+    below a variant's diamond, a hollow square at another estimate of its effect with that
+    estimate's interval, ``(effect, low, high)`` (for example the variant + seed fit of
+    :func:`rch.eval.paired.additive_effects`).
 
     Raises:
         ValueError: no variant, or a variant without a difference.
@@ -256,6 +260,19 @@ def plot_paired_differences(
             err = (student_t_critical(dof) if dof > 0 else 1.96) * se[name]
         color = "#2a7" if mean >= 0 else "#c44"
         ax.errorbar(mean, y, xerr=err or None, fmt="D", color=color, markersize=6, capsize=3)
+        if fitted is not None and name in fitted:
+            effect, low, high = (float(v) for v in fitted[name])
+            ax.errorbar(
+                effect,
+                y - 0.28,
+                xerr=[[effect - low], [high - effect]],
+                fmt="s",
+                mfc="none",
+                color="#555",
+                markersize=5,
+                capsize=2,
+                linewidth=0.8,
+            )
     ax.axvline(0, color="black", linewidth=0.8)
     if reference is not None:
         ax.axvline(reference, color="#36c", linestyle="--", linewidth=1, label=reference_label)
@@ -263,6 +280,8 @@ def plot_paired_differences(
             ax.legend(fontsize=7, loc="upper left")
     bars = "95 % intervals (t)" if df and se and set(se) <= set(df) else "95 % intervals"
     what = "dots: seeds; diamonds: means" + (f"; bars: {bars}" if se is not None else "")
+    if fitted:
+        what += "; squares: variant + seed fit"
     ax.set_title(what, fontsize=8)
     ax.set_yticks(range(len(names)), names[::-1], fontsize=8)
     ax.set_ylim(-0.6, len(names) - 0.4)
