@@ -359,14 +359,17 @@ def additive_effects(results: Runs, baseline: str = "baseline") -> dict[str, Any
     df = len(cells) - p
     if df < 1:
         return None
+    # design matrix columns: 0 the level, then one per variant but the baseline, then one
+    # per seed but the first (the baseline and the first seed are the zero points)
+    variant_col = {n: v for v, n in enumerate(names) if v}
+    seed_col = {s: len(names) - 1 + k for k, s in enumerate(seeds) if k}
     x = torch.zeros(len(cells), p, dtype=torch.float64)
     x[:, 0] = 1.0
     for i, (n, s, _) in enumerate(cells):
-        v, k = names.index(n), seeds.index(s)
-        if v:
-            x[i, v] = 1.0
-        if k:
-            x[i, len(names) - 1 + k] = 1.0
+        if n in variant_col:
+            x[i, variant_col[n]] = 1.0
+        if s in seed_col:
+            x[i, seed_col[s]] = 1.0
     y = torch.tensor([c[2] for c in cells], dtype=torch.float64)
     gram = x.T @ x
     if int(torch.linalg.matrix_rank(gram)) < p:
@@ -379,7 +382,7 @@ def additive_effects(results: Runs, baseline: str = "baseline") -> dict[str, Any
     resid = y - x @ coef
     sd = math.sqrt(float(resid @ resid) / df)
     effects = {}
-    for v, n in enumerate(names[1:], start=1):
+    for n, v in variant_col.items():
         se = sd * math.sqrt(float(cov_unit[v, v]))
         effect = float(coef[v])
         effects[n] = {
@@ -388,8 +391,7 @@ def additive_effects(results: Runs, baseline: str = "baseline") -> dict[str, Any
             "ci": _t_interval(effect, se, df),
             "seeds": len(results[n]),
         }
-    seed_effects = {seeds[0]: 0.0}
-    seed_effects.update({s: float(coef[len(names) - 1 + k]) for k, s in enumerate(seeds) if k})
+    seed_effects = {s: float(coef[seed_col[s]]) if s in seed_col else 0.0 for s in seeds}
     residuals: dict[str, dict[Any, float]] = {n: {} for n in names}
     for (n, s, _), r in zip(cells, resid.tolist(), strict=True):
         residuals[n][s] = r
