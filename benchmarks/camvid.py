@@ -33,10 +33,12 @@ from rch.eval.paired import (
     format_additive_effects,
     format_paired_summary,
     format_pooled_effect,
+    format_power_table,
     marked_first,
     paired_rows,
     pooled_dofs,
     pooled_effect,
+    power_table,
 )
 from rch.eval.paired import summarize_paired as summarize
 from rch.train import config_from_dict
@@ -297,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     def write() -> dict[str, Any]:
-        """Write the results file; its summary and pooled effect."""
+        """Write the results file; its summary, pooled effect, variant + seed fit and the
+        protocol's resolving power."""
         meta["elapsed_s"] = round(time.time() - started)
         present = {k: dict(sorted(v.items())) for k, v in done.items() if v}
         summary = summarize(present)
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "pooled": pooled_effect(present),
             "additive": additive,
+            "power": power_table(summary, seeds=(3, 5, 10)),
         }
         args.results.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.results.with_name(args.results.name + ".tmp")
@@ -347,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_pooled_effect(data["pooled"]))
     if data["additive"] is not None:
         print(format_additive_effects(data["additive"]))
+    if data["power"] is not None:
+        print(format_power_table(data["power"]))
     print(f"written: {args.results}")
     for png in draw_figures(data["summary"], args.results, data["pooled"], data["additive"]):
         print(f"written: {png}")

@@ -139,6 +139,11 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
         statistics.fmean(paper["paired_diff"]), abs=1e-9
     )
     assert "two-way additive fit (variant + seed, least squares over all 4 runs)" in first.stdout
+    if paper["pooled_sd"] > 0:  # the resolving power on the pooled SD, at 3, 5 and 10 seeds
+        assert data["power"]["df"] == 1 and data["power"]["rows"][0]["seeds"] == [3, 5, 10]
+        assert "resolving power" in first.stdout
+    else:  # both seeds moved mIoU by the same amount: no spread to plan with
+        assert data["power"] is None and "resolving power" not in first.stdout
     stamp = (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert (tmp_path / "runs" / "camvid-paper-s1" / "eval.json").stat().st_mtime_ns == stamp

@@ -122,6 +122,9 @@ def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
     assert additive["runs"] == 6 and additive["df"] == (3 - 1) * (2 - 1)
     assert additive["effects"]["full"]["effect"] == pytest.approx(full["diff_mean"], abs=1e-9)
     assert "two-way additive fit (variant + seed, least squares over all 6 runs)" in table
+    # the resolving power needs a spread of paired differences (these tiny runs may all tie)
+    assert (summary["power"] is None) == (full["pooled_sd"] == 0)
+    assert ("resolving power" in table) == (summary["power"] is not None)
     cfg = load_checkpoint(tmp_path / "runs" / "cli-tp-s1" / "checkpoints" / "last.pt")["config"]
     assert cfg["seed"] == 1 and cfg["rch"]["fn_term"] is False and cfg["rch"]["fp_term"] is False
     stamp = (tmp_path / "runs" / "cli-full-s0" / "eval.json").stat().st_mtime_ns

@@ -8,6 +8,7 @@ import statistics
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,10 +17,14 @@ from rch.eval.paired import (
     format_additive_effects,
     format_paired_summary,
     format_pooled_effect,
+    format_power_table,
     marked_first,
+    paired_power,
     pooled_diff_sd,
     pooled_dofs,
     pooled_effect,
+    power_table,
+    seeds_for_power,
     student_t_critical,
     summarize_paired,
 )
@@ -127,6 +132,123 @@ def test_student_t_critical_tends_to_the_normal_and_refuses_bad_arguments():
     for level in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="level must lie in"):
             student_t_critical(4, level)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def test_paired_power_is_the_level_at_no_effect_and_matches_the_printed_value():
+    for df in (1, 2, 3, 4, 10, 41, 500):
+        assert paired_power(0.0, 1.0, 5, df=df) == pytest.approx(0.05, abs=1e-7)
+    assert paired_power(0.0, 2.0, 4, level=0.9) == pytest.approx(0.1, abs=1e-7)
+    # R's power.t.test(n = 10, delta = 1, sd = 1, type = "one.sample"): 0.8030962
+    assert paired_power(1.0, 1.0, 10) == pytest.approx(0.8030962, abs=2e-6)
+    # a known SD (df -> infinity): the normal test's closed form
+    z, shift = 1.959963984540054, 0.7 * math.sqrt(6) / 0.9
+    normal = _normal_cdf(shift - z) + _normal_cdf(-shift - z)
+    assert paired_power(0.7, 0.9, 6, df=10**4) == pytest.approx(normal, abs=2e-4)  # off by 7e-5
+
+
+@pytest.mark.parametrize(
+    ("effect", "sd", "seeds", "df"), [(1.0, 0.81, 5, 41), (0.5, 1.0, 4, None), (-2.0, 1.5, 3, 2)]
+)
+def test_paired_power_matches_a_simulated_t_test(
+    effect: float, sd: float, seeds: int, df: int | None
+) -> None:
+    """Draw the paired mean and an independent SD estimate on ``df`` degrees of freedom, run
+    the t test, count the rejections."""
+    nu = seeds - 1 if df is None else df
+    g = torch.Generator().manual_seed(0)
+    draws = 200_000
+    mean = effect + sd / math.sqrt(seeds) * torch.randn(draws, generator=g, dtype=torch.float64)
+    chi2 = torch.randn(draws, nu, generator=g, dtype=torch.float64).square().sum(1)
+    se = sd * (chi2 / nu).sqrt() / math.sqrt(seeds)
+    rejected = (mean.abs() / se > student_t_critical(nu)).double().mean().item()
+    assert paired_power(effect, sd, seeds, df=df) == pytest.approx(rejected, abs=5e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    effect=st.floats(0.05, 3.0),
+    sd=st.floats(0.2, 2.0),
+    seeds=st.integers(2, 12),
+    df=st.one_of(st.none(), st.integers(1, 60)),
+)
+def test_paired_power_grows_with_the_effect_and_the_seeds_and_ignores_its_sign(
+    effect: float, sd: float, seeds: int, df: int | None
+) -> None:
+    p = paired_power(effect, sd, seeds, df=df)
+    assert 0.05 - 1e-7 <= p <= 1.0
+    assert paired_power(-effect, sd, seeds, df=df) == p
+    assert paired_power(1.2 * effect, sd, seeds, df=df) >= p - 1e-9
+    assert paired_power(effect, 1.2 * sd, seeds, df=df) <= p + 1e-9
+    more = paired_power(effect, sd, seeds + 1, df=None if df is None else df)
+    assert more >= p - 1e-9
+
+
+def test_seeds_for_power_is_the_fewest_seeds_that_reach_the_target():
+    assert seeds_for_power(1.0, 1.0) == 10  # 0.803 at 10 seeds, as printed above
+    assert paired_power(1.0, 1.0, 9) < 0.8
+    for effect, sd, df in [(1.0, 0.81, 41), (0.5, 0.81, 41), (0.3, 1.0, None), (2.0, 0.5, 3)]:
+        n = seeds_for_power(effect, sd, df=df)
+        assert paired_power(effect, sd, n, df=df) >= 0.8
+        if n > (2 if df is None else 1):
+            assert paired_power(effect, sd, n - 1, df=df) < 0.8
+    assert seeds_for_power(1.0, 0.81, power=0.9, df=41) > seeds_for_power(1.0, 0.81, df=41)
+
+
+def test_power_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="sd must be positive"):
+        paired_power(1.0, 0.0, 5)
+    with pytest.raises(ValueError, match="effect must be finite"):
+        paired_power(math.nan, 1.0, 5)
+    with pytest.raises(ValueError, match="seeds must be a positive integer"):
+        paired_power(1.0, 1.0, 0)
+    with pytest.raises(ValueError, match=r"df=0 \(seeds - 1: give df for a pooled SD\)"):
+        paired_power(1.0, 1.0, 1)
+    with pytest.raises(ValueError, match="power must lie in"):
+        seeds_for_power(1.0, 1.0, power=0.01)
+    with pytest.raises(ValueError, match="an effect of 0"):
+        seeds_for_power(0.0, 1.0)
+    with pytest.raises(ValueError, match="more than a million seeds"):
+        seeds_for_power(1e-5, 1.0, df=10)
+
+
+def test_power_table_reads_the_pooled_sd_of_a_summary_and_prints_every_cell():
+    def run(miou: float) -> dict[str, Any]:
+        return {"mIoU": miou, "IoU": {}}
+
+    runs = {
+        "baseline": {s: run(0.5) for s in range(4)},
+        "x": {s: run(0.5 + d / 100) for s, d in enumerate([0.5, 1.5, -0.2, 1.0])},
+        "y": {s: run(0.5 + d / 100) for s, d in enumerate([0.0, -1.0, 0.8])},
+    }
+    summary = summarize_paired(runs)
+    table = power_table(summary, effects=[1.0, 0.5], seeds=[3, 5])
+    assert table is not None
+    sd, df = pooled_diff_sd([[0.5, 1.5, -0.2, 1.0], [0.0, -1.0, 0.8]])
+    assert table["sd"] == pytest.approx(sd) and table["df"] == df == 5
+    first = table["rows"][0]
+    assert first["seeds"] == [3, 5]
+    assert first["power"] == [pytest.approx(paired_power(1.0, sd, n, df=5)) for n in (3, 5)]
+    assert first["seeds_needed"] == seeds_for_power(1.0, sd, df=5)
+    text = format_power_table(table)
+    assert f"pooled SD {sd:.2f} (5 df)" in text
+    assert "3 seeds" in text and "5 seeds" in text and "seeds for 80 %" in text
+    for row in table["rows"]:
+        line = next(x for x in text.splitlines() if x.strip().startswith(f"{row['effect']:+.2f}"))
+        assert [float(v) for v in line.split()[1:3]] == [round(p, 2) for p in row["power"]]
+        assert int(line.split()[-1]) == row["seeds_needed"]
+    # an SD far above the effect on 1 df: beyond a million seeds
+    wide = {"baseline": {0: run(0.5), 1: run(0.5)}, "x": {0: run(0.0), 1: run(1.0)}}
+    far = power_table(summarize_paired(wide), effects=[0.5], seeds=[3])
+    assert far is not None and far["rows"][0]["seeds_needed"] is None
+    assert format_power_table(far).splitlines()[-1].endswith("> 1e6")
+    # no pooled SD: one seed each, or every difference the same
+    assert power_table(summarize_paired({"baseline": {0: run(0.5)}, "x": {0: run(0.6)}})) is None
+    same = {"baseline": {0: run(0.5), 1: run(0.6)}, "x": {0: run(0.51), 1: run(0.61)}}
+    assert power_table(summarize_paired(same)) is None
 
 
 def test_pooled_effect_counts_which_way_recall_and_precision_moved():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from typing import Any
 
 import pytest
 
 from rch.errors import RCHError
-from rch.train.ablate import Variant, format_ablation, run_variants, variants
+from rch.eval.paired import paired_power, pooled_diff_sd
+from rch.train import ablate as ablate_module
+from rch.train.ablate import Variant, ablate, format_ablation, run_variants, variants
 
 from .helpers import tiny_config
 
@@ -100,3 +104,30 @@ def test_format_ablation_matches_a_hand_computation():
     assert format_ablation({"a": [0.5]}).splitlines()[1].split() == ["a", "50.00", "nan", "1"]
     with pytest.raises(ValueError, match="'a': not as many seeds as 'baseline'"):
         format_ablation({"baseline": [0.4, 0.5], "a": [0.4]})
+
+
+def test_ablate_reports_the_resolving_power_of_its_paired_test(tmp_path, monkeypatch):
+    """The runs are stubbed: ``ablate`` compares them, fits them, and says how well its
+    pooled SD resolves a 1- and a 0.5-point effect at 3, 5 and its own number of seeds."""
+    diffs = {"tp": [0.5, 1.5, -0.2, 1.0], "full": [0.0, -1.0, 0.8, 0.4]}
+
+    def fake_runs(cfg: Any, rows: Any, seeds: Any, *args: Any, **kwargs: Any) -> dict:
+        def run(miou: float) -> dict[str, Any]:
+            return {"mIoU": miou, "IoU": {"a": miou}}
+
+        found = {"baseline": [run(0.5) for _ in seeds]}
+        found |= {n: [run(0.5 + d / 100) for d in diffs[n]] for n in ("tp", "full")}
+        return found
+
+    monkeypatch.setattr(ablate_module, "run_variants", fake_runs)
+    cfg = tiny_config(tmp_path)
+    result = ablate(cfg, rows=["baseline", "tp", "full"], seeds=[0, 1, 2, 3], progress=False)
+    sd, df = pooled_diff_sd(diffs.values())
+    assert result.power is not None and result.power["df"] == df == 6
+    assert result.power["sd"] == pytest.approx(sd)
+    one = result.power["rows"][0]
+    assert one["effect"] == 1.0 and one["seeds"] == [3, 4, 5]
+    assert one["power"][1] == pytest.approx(paired_power(1.0, sd, 4, df=6))
+    assert "resolving power" in result.format()
+    written = json.loads(result.path.read_text())
+    assert written["power"]["rows"][1]["seeds_needed"] == result.power["rows"][1]["seeds_needed"]

@@ -17,7 +17,9 @@ from ..eval.paired import (
     format_additive_effects,
     format_paired_summary,
     format_pooled_effect,
+    format_power_table,
     pooled_effect,
+    power_table,
     summarize_paired,
 )
 from .config import Config, apply_overrides, config_differences, load_config
@@ -231,6 +233,10 @@ class Ablation:
     additive: dict[str, Any] | None = None
     """:func:`rch.eval.paired.additive_effects` of ``runs`` (``None`` without a baseline or
     without a residual degree of freedom, as with one seed)."""
+    power: dict[str, Any] | None = None
+    """:func:`rch.eval.paired.power_table` of ``summary`` at 3, 5 and ``len(seeds)`` seeds:
+    how likely the paired test tells a 1- or 0.5-point effect from 0 (``None`` without a
+    pooled SD, as with one seed)."""
 
     @property
     def miou(self) -> dict[str, list[float]]:
@@ -243,12 +249,15 @@ class Ablation:
     def format(self, mark: Collection[str] = ()) -> str:
         """The paired table (:func:`rch.eval.paired.format_paired_summary`; classes in
         ``mark`` first) and, with a baseline, the pooled effect of all variants and the
-        variant + seed fit where it has a residual."""
+        variant + seed fit where it has a residual, and the resolving power where there is a
+        pooled SD."""
         text = format_paired_summary(self.summary, mark=mark)
         if self.pooled is not None:
             text += "\n" + format_pooled_effect(self.pooled)
         if self.additive is not None:
             text += "\n" + format_additive_effects(self.additive)
+        if self.power is not None:
+            text += "\n" + format_power_table(self.power)
         return text
 
 
@@ -272,7 +281,8 @@ def ablate(
     summary, pooled = summarize_paired(runs), pooled_effect(runs)
     additive = additive_effects(runs)  # every variant ran every seed: connected
     path = Path(cfg.train.out_dir) / f"{cfg.name}-ablation.json"
-    result = Ablation(list(seeds), runs, summary, pooled, path, additive)
+    power = power_table(summary, seeds=sorted({3, 5, len(seeds)}))
+    result = Ablation(list(seeds), runs, summary, pooled, path, additive, power)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "seeds": list(seeds),
@@ -280,6 +290,7 @@ def ablate(
         "summary": summary,
         "pooled": pooled,
         "additive": additive,
+        "power": power,
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(json_safe(data), indent=1))
