@@ -245,6 +245,8 @@ def test_power_table_reads_the_pooled_sd_of_a_summary_and_prints_every_cell():
     far = power_table(summarize_paired(wide), effects=[0.5], seeds=[3])
     assert far is not None and far["rows"][0]["seeds_needed"] is None
     assert format_power_table(far).splitlines()[-1].endswith("> 1e6")
+    with pytest.raises(ValueError, match="power must lie in"):  # not a silent None
+        power_table(summary, power=1.5)
     # no pooled SD: one seed each, or every difference the same
     assert power_table(summarize_paired({"baseline": {0: run(0.5)}, "x": {0: run(0.6)}})) is None
     same = {"baseline": {0: run(0.5), 1: run(0.6)}, "x": {0: run(0.51), 1: run(0.61)}}

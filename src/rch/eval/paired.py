@@ -179,12 +179,22 @@ def seeds_for_power(
     """The fewest seeds with which :func:`paired_power` reaches ``power``: how many paired
     seeds a protocol with per-seed SD ``sd`` needs to tell ``effect`` from zero. ``df`` as
     there: ``None`` for the variant's own SD (``seeds - 1``, so at least 2 seeds), or a
-    pooled SD's fixed degrees of freedom.
+    pooled SD's fixed degrees of freedom. Raises ``ValueError`` beyond a million seeds.
 
     Example:
         >>> seeds_for_power(1.0, 1.0)  # a one-sample t test, effect size 1: 10 seeds
         10
     """
+    n = _fewest_seeds(effect, sd, power, df, level)
+    if n is None:
+        raise ValueError(f"more than a million seeds: effect {effect!r} is too small for sd {sd!r}")
+    return n
+
+
+def _fewest_seeds(
+    effect: float, sd: float, power: float, df: int | None, level: float
+) -> int | None:
+    """:func:`seeds_for_power`, ``None`` beyond a million seeds."""
     if not 1.0 - level < power < 1.0:
         raise ValueError(f"power must lie in ({1.0 - level:g}, 1), got {power!r}")
     if effect == 0.0:
@@ -198,9 +208,7 @@ def seeds_for_power(
     while not enough(hi):  # ... and at most hi
         lo, hi = hi + 1, hi * 2
         if hi > 1_000_000:
-            raise ValueError(
-                f"more than a million seeds: effect {effect!r} is too small for sd {sd!r}"
-            )
+            return None
     while lo < hi:
         mid = (lo + hi) // 2
         if enough(mid):
@@ -242,21 +250,11 @@ def power_table(
             "effect": float(e),
             "seeds": list(seeds),
             "power": [paired_power(e, sd, n, df, level) for n in seeds],
-            "seeds_needed": _seeds_needed(e, sd, power, df, level),
+            "seeds_needed": _fewest_seeds(e, sd, power, df, level),
         }
         for e in effects
     ]
     return {"sd": sd, "df": df, "level": level, "target": power, "rows": rows}
-
-
-def _seeds_needed(effect: float, sd: float, power: float, df: int, level: float) -> int | None:
-    """:func:`seeds_for_power`, or ``None`` where it would take more than a million seeds."""
-    try:
-        return seeds_for_power(effect, sd, power, df, level)
-    except ValueError:
-        if effect == 0.0:
-            raise
-        return None
 
 
 def format_power_table(table: Mapping[str, Any]) -> str:
