@@ -31,6 +31,7 @@ from _common import run_meta
 from rch.eval.paired import (
     additive_effects,
     format_additive_effects,
+    format_f_test,
     format_paired_summary,
     format_pooled_effect,
     format_power_table,
@@ -39,6 +40,7 @@ from rch.eval.paired import (
     pooled_dofs,
     pooled_effect,
     power_table,
+    variant_f_test,
 )
 from rch.eval.paired import summarize_paired as summarize
 from rch.train import config_from_dict
@@ -47,6 +49,7 @@ from rch.train.logger import json_safe
 
 RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
 ABLATION_ROWS = [r for r in TABLE1 if r not in ("baseline", "full")]  # the others: variants
+TABLE1_ROWS = [*ABLATION_ROWS, "paper"]  # the paper's Table 1 here; full RCH is ``paper``
 GRID_POINTS = [v.name for v in variants([], grid=True)]  # "tau=0.25", ...: one value changed
 BASE_VARIANTS = {
     "baseline": ("rch.enabled=false",),
@@ -206,6 +209,24 @@ def draw_figures(
     return [diffs_png, classes_png]
 
 
+def f_tests(present: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
+    """Do the variants differ at all (:func:`rch.eval.paired.variant_f_test`): the Table 1
+    rows among themselves, and every variant with the baseline; where testable."""
+    tests = {}
+    for label, names in (
+        ("Table 1 rows", [r for r in TABLE1_ROWS if present.get(r)]),
+        ("every variant and the baseline", list(present)),
+    ):
+        try:
+            test = variant_f_test(present, names)
+        except ValueError as err:  # some variant shares no seed with the rest
+            print(f"no F test of the {label}: {err}", flush=True)
+            continue
+        if test is not None:
+            tests[label] = test
+    return tests
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path("../shared/data/camvid"))
@@ -314,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "pooled": pooled_effect(present),
             "additive": additive,
+            "f_tests": f_tests(present),
             "power": power_table(summary, seeds=(3, 5, 10)),
         }
         args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_pooled_effect(data["pooled"]))
     if data["additive"] is not None:
         print(format_additive_effects(data["additive"]))
+    for label, test in data["f_tests"].items():
+        print(format_f_test(test, label))
     if data["power"] is not None:
         print(format_power_table(data["power"]))
     print(f"written: {args.results}")

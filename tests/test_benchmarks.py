@@ -139,6 +139,14 @@ def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
         statistics.fmean(paper["paired_diff"]), abs=1e-9
     )
     assert "two-way additive fit (variant + seed, least squares over all 4 runs)" in first.stdout
+    tests = data["f_tests"]  # one Table 1 row (paper) alone is no comparison: no F test of it
+    assert list(tests) == ["every variant and the baseline"]
+    assert tests["every variant and the baseline"]["variants"] == ["baseline", "paper"]
+    assert (
+        tests["every variant and the baseline"]["df1"],
+        tests["every variant and the baseline"]["df2"],
+    ) == (1, 1)
+    assert "variant effects (every variant and the baseline), F test" in first.stdout
     if paper["pooled_sd"] > 0:  # the resolving power on the pooled SD, at 3, 5 and 10 seeds
         assert data["power"]["df"] == 1 and data["power"]["rows"][0]["seeds"] == [3, 5, 10]
         assert "resolving power" in first.stdout

@@ -122,6 +122,10 @@ def test_ablate_runs_rows_once_and_reuses_them(tmp_path, capsys):
     assert additive["runs"] == 6 and additive["df"] == (3 - 1) * (2 - 1)
     assert additive["effects"]["full"]["effect"] == pytest.approx(full["diff_mean"], abs=1e-9)
     assert "two-way additive fit (variant + seed, least squares over all 6 runs)" in table
+    # the F tests: tp and full among themselves, and with the baseline (2 residual df)
+    assert set(summary["f_tests"]) == {"RCH rows", "every variant"}
+    assert summary["f_tests"]["every variant"]["df2"] == (3 - 1) * (2 - 1)
+    assert "variant effects (every variant), F test" in table
     # the resolving power needs a spread of paired differences (these tiny runs may all tie)
     assert (summary["power"] is None) == (full["pooled_sd"] == 0)
     assert ("resolving power" in table) == (summary["power"] is not None)

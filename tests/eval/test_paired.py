@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rch.eval.paired import (
+    _regularized_beta,
     additive_effects,
     format_additive_effects,
+    format_f_test,
     format_paired_summary,
     format_pooled_effect,
     format_power_table,
@@ -27,6 +29,7 @@ from rch.eval.paired import (
     seeds_for_power,
     student_t_critical,
     summarize_paired,
+    variant_f_test,
 )
 
 
@@ -430,3 +433,98 @@ def test_format_additive_effects_lists_every_variant_with_its_interval():
     assert f"{e['effect']:+.2f}" in text and f"{e['ci'][0]:+.2f} to {e['ci'][1]:+.2f}" in text
     assert f"residual SD {fit['residual_sd']:.2f} ({fit['df']} df)" in text
     assert "seed 2 " in text
+
+
+def test_f_test_p_values_match_the_t_table_and_closed_forms():
+    for d2 in (1, 3, 7, 20, 45):  # F(1, d2) is t(d2) squared: the 95 % t value's p is 0.05
+        f = student_t_critical(d2) ** 2
+        assert _regularized_beta(d2 / 2, 0.5, d2 / (d2 + f)) == pytest.approx(0.05, abs=1e-12)
+    for d2, f in ((4, 0.3), (9, 2.5), (30, 6.0)):  # F(2, d2): p = (1 + 2F / d2)^(-d2 / 2)
+        p = _regularized_beta(d2 / 2, 1.0, d2 / (d2 + 2 * f))
+        assert p == pytest.approx((1 + 2 * f / d2) ** (-d2 / 2), rel=1e-12)
+    assert _regularized_beta(2.0, 3.0, 0.0) == 0.0 and _regularized_beta(2.0, 3.0, 1.0) == 1.0
+
+
+def test_f_test_p_value_matches_a_simulated_f_distribution():
+    g = torch.Generator().manual_seed(0)
+    draws, d1, d2, f = 400_000, 5, 20, 3.6
+    num = torch.randn(draws, d1, generator=g, dtype=torch.float64).square().sum(1) / d1
+    den = torch.randn(draws, d2, generator=g, dtype=torch.float64).square().sum(1) / d2
+    simulated = (num / den >= f).double().mean().item()
+    assert _regularized_beta(d2 / 2, d1 / 2, d2 / (d2 + d1 * f)) == pytest.approx(
+        simulated, abs=2e-3
+    )
+
+
+def test_variant_f_test_of_a_complete_design_is_the_two_way_anova():
+    table = {
+        "baseline": {0: 57.6, 1: 57.1, 2: 57.3, 3: 55.1},
+        "a": {0: 57.2, 1: 56.0, 2: 57.9, 3: 55.9},
+        "b": {0: 56.9, 1: 57.4, 2: 57.7, 3: 56.4},
+    }
+    test = variant_f_test(_runs(table))
+    assert test is not None and test["variants"] == ["baseline", "a", "b"]
+    grand = statistics.fmean(v for row in table.values() for v in row.values())
+    col = {s: statistics.fmean(row[s] for row in table.values()) for s in range(4)}
+    ss_rows = 4 * sum((statistics.fmean(r.values()) - grand) ** 2 for r in table.values())
+    ss_res = sum(
+        (r[s] - statistics.fmean(r.values()) - col[s] + grand) ** 2
+        for r in table.values()
+        for s in range(4)
+    )
+    assert (test["df1"], test["df2"], test["runs"]) == (2, 6, 12)
+    assert test["f"] == pytest.approx((ss_rows / 2) / (ss_res / 6), rel=1e-9)
+    assert 0.0 < test["p"] < 1.0
+    text = format_f_test(test, "Table 1")
+    assert "(Table 1)" in text and "3 variants (12 runs)" in text and "(2, 6) df" in text
+    assert f"F = {test['f']:.2f}" in text and f"p = {test['p']:.3f}" in text
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    scores=st.lists(st.floats(50.0, 60.0), min_size=12, max_size=12),
+    drop=st.sets(st.sampled_from([1, 2, 3, 5, 6, 7, 9, 10, 11]), max_size=3),
+)
+def test_variant_f_test_equals_a_comparison_of_two_least_squares_fits(
+    scores: list[float], drop: set[int]
+) -> None:
+    """Three variants on four seeds, up to three runs missing (never a seed-0 run, so the
+    design stays connected): F is the drop in the residual sum of squares from seeds alone
+    to variant + seed, per variant degree of freedom, over the full fit's residual mean
+    square, with both fits done by torch's least squares."""
+    cells = [(v, s) for v in range(3) for s in range(4)]  # index 4 v + s: seed 0 at 0, 4, 8
+    kept = [(c, y) for i, (c, y) in enumerate(zip(cells, scores, strict=True)) if i not in drop]
+    table: dict[str, dict[int, float]] = {}
+    for (v, s), y in kept:
+        table.setdefault(f"v{v}", {})[s] = y
+    test = variant_f_test(_runs(table))
+    assert test is not None
+    y = torch.tensor([t for _, t in kept], dtype=torch.float64)
+    seed_x = torch.nn.functional.one_hot(torch.tensor([s for (_, s), _ in kept]), 4).double()
+    var_x = torch.nn.functional.one_hot(torch.tensor([v for (v, _), _ in kept]), 3).double()
+
+    def rss(x: torch.Tensor) -> float:
+        coef = torch.linalg.lstsq(x, y[:, None], driver="gelsd").solution
+        return float(((y[:, None] - x @ coef) ** 2).sum())
+
+    full, seeds_only = rss(torch.cat([seed_x, var_x[:, 1:]], 1)), rss(seed_x)
+    assume(full > 1e-6)  # scores that fit the additive model exactly are the refusals' case
+    assert test["df1"] == 2 and test["df2"] == len(kept) - 4 - 2
+    assert test["runs"] == len(kept)
+    expected = ((seeds_only - full) / 2) / (full / test["df2"])
+    assert test["f"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_variant_f_test_refuses_or_declines_what_it_cannot_test():
+    table = {"a": {0: 50.0, 1: 51.0}, "b": {0: 52.0, 1: 53.5}}
+    with pytest.raises(ValueError, match="no runs of variant"):
+        variant_f_test(_runs(table), ["a", "nope"])
+    assert variant_f_test(_runs(table), ["a"]) is None  # one variant: nothing to compare
+    assert variant_f_test(_runs({"a": {0: 50.0}, "b": {0: 51.0}})) is None  # no residual df
+    with pytest.raises(ValueError, match="do not connect"):
+        variant_f_test(
+            _runs({"a": {0: 50.0, 1: 51.0, 2: 49.0}, "b": {0: 52.0, 1: 53.5, 2: 50.0},
+                   "c": {3: 52.0, 4: 53.0}})
+        )  # fmt: skip
+    exact = variant_f_test(_runs({"a": {0: 50.0, 1: 51.0}, "b": {0: 52.0, 1: 53.0}}))
+    assert exact is not None and exact["f"] == math.inf and exact["p"] == 0.0

@@ -131,3 +131,12 @@ def test_ablate_reports_the_resolving_power_of_its_paired_test(tmp_path, monkeyp
     assert "resolving power" in result.format()
     written = json.loads(result.path.read_text())
     assert written["power"]["rows"][1]["seeds_needed"] == result.power["rows"][1]["seeds_needed"]
+    # and whether the rows differ at all: the RCH rows alone, and with the baseline
+    rows = result.f_tests["RCH rows"]
+    assert rows["variants"] == ["tp", "full"] and (rows["df1"], rows["df2"]) == (1, 3)
+    paired = [a - b for a, b in zip(diffs["tp"], diffs["full"], strict=True)]  # F = t^2
+    t = statistics.fmean(paired) / (statistics.stdev(paired) / math.sqrt(4))
+    assert rows["f"] == pytest.approx(t**2, rel=1e-9)
+    assert result.f_tests["every variant"]["df1"] == 2
+    assert set(written["f_tests"]) == {"RCH rows", "every variant"}
+    assert "F test of variant + seed against seed alone over 2 variants" in result.format()

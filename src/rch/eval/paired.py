@@ -30,6 +30,7 @@ __all__ = [
     "Runs",
     "additive_effects",
     "format_additive_effects",
+    "format_f_test",
     "format_paired_summary",
     "format_pooled_effect",
     "format_power_table",
@@ -43,6 +44,7 @@ __all__ = [
     "seeds_for_power",
     "student_t_critical",
     "summarize_paired",
+    "variant_f_test",
 ]
 
 Runs = Mapping[str, Mapping[int, Mapping[str, Any]]]
@@ -566,6 +568,106 @@ def additive_effects(results: Runs, baseline: str = "baseline") -> dict[str, Any
         "df": df,
         "runs": len(cells),
     }
+
+
+def variant_f_test(results: Runs, variants: Collection[str] | None = None) -> dict[str, Any] | None:
+    """Do the variants differ at all? The F test of the variant effects in the two-way
+    variant + seed model of :func:`additive_effects`, against the model of seed effects
+    alone, over the runs of ``variants`` (every variant with runs when ``None``; name the
+    baseline to include it). Unbalanced designs are fine: the F test compares the two
+    models' residual sums of squares.
+
+    Returns ``variants``, ``runs``, ``f``, ``df1`` (variants - 1), ``df2`` (the full
+    model's residual degrees of freedom) and ``p`` (the F distribution's upper tail, from
+    the regularized incomplete beta function). ``None`` with fewer than two variants or no
+    residual degree of freedom.
+
+    Raises:
+        ValueError: when the variants and seeds do not connect, or a named variant has no
+            runs.
+
+    Example:
+        >>> run = lambda m: {"mIoU": m}
+        >>> runs = {"a": {0: run(0.50), 1: run(0.52), 2: run(0.51)},
+        ...         "b": {0: run(0.53), 1: run(0.54), 2: run(0.55)}}
+        >>> t = variant_f_test(runs)
+        >>> round(t["f"], 2), t["df1"], t["df2"], round(t["p"], 3)
+        (27.0, 1, 2, 0.035)
+    """
+    names = [n for n, runs in results.items() if runs] if variants is None else list(variants)
+    missing = [n for n in names if not results.get(n)]
+    if missing:
+        raise ValueError(f"no runs of variant(s) {', '.join(map(repr, missing))}")
+    if len(names) < 2:
+        return None
+    chosen = {n: results[n] for n in names}
+    fit = additive_effects(chosen, baseline=names[0])  # raises when not connected
+    if fit is None:
+        return None
+    rss_full = fit["residual_sd"] ** 2 * fit["df"]
+    by_seed: dict[Any, list[float]] = {}
+    for runs in chosen.values():
+        for s, r in runs.items():
+            by_seed.setdefault(s, []).append(100 * float(r["mIoU"]))
+    rss_seeds = sum((x - statistics.fmean(xs)) ** 2 for xs in by_seed.values() for x in xs)
+    df1, df2 = len(names) - 1, fit["df"]
+    between = max(rss_seeds - rss_full, 0.0) / df1
+    scale = sum(x * x for xs in by_seed.values() for x in xs)
+    if rss_full > 1e-20 * scale:  # below that, rounding: the fit is exact
+        f = between / (rss_full / df2)
+        p = _regularized_beta(df2 / 2, df1 / 2, df2 / (df2 + df1 * f))
+    else:  # an exact fit: any variant effect is certain, none is undefined
+        f, p = (math.inf, 0.0) if between > 1e-20 * scale else (math.nan, math.nan)
+    return {"variants": names, "runs": fit["runs"], "f": f, "df1": df1, "df2": df2, "p": p}
+
+
+def _regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, by its continued fraction
+    (modified Lentz), on the side where that converges fast."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (Lentz's method)."""
+    tiny = 1e-300
+
+    def guard(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1.0 / guard(1.0 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, 10_000):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 / guard(1.0 + even * d)
+        c = guard(1.0 + even / c)
+        h *= d * c
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 / guard(1.0 + odd * d)
+        c = guard(1.0 + odd / c)
+        step = d * c
+        h *= step
+        if abs(step - 1.0) < 1e-15:
+            break
+    return h
+
+
+def format_f_test(test: Mapping[str, Any], label: str = "") -> str:
+    """One line for :func:`variant_f_test`."""
+    what = f" ({label})" if label else ""
+    return (
+        f"variant effects{what}, F test of variant + seed against seed alone over"
+        f" {len(test['variants'])} variants ({test['runs']} runs): F = {test['f']:.2f} on"
+        f" ({test['df1']}, {test['df2']}) df, p = {test['p']:.3f}"
+    )
 
 
 def _moved(pairs: list[tuple[Rates, Rates]], leave_out: int | None = None) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,14 @@ from ..errors import RCHError
 from ..eval.paired import (
     additive_effects,
     format_additive_effects,
+    format_f_test,
     format_paired_summary,
     format_pooled_effect,
     format_power_table,
     pooled_effect,
     power_table,
     summarize_paired,
+    variant_f_test,
 )
 from .config import Config, apply_overrides, config_differences, load_config
 from .logger import json_safe
@@ -237,6 +239,10 @@ class Ablation:
     """:func:`rch.eval.paired.power_table` of ``summary`` at 3, 5 and ``len(seeds)`` seeds:
     how likely the paired test tells a 1- or 0.5-point effect from 0 (``None`` without a
     pooled SD, as with one seed)."""
+    f_tests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """:func:`rch.eval.paired.variant_f_test` by what it compares: ``"RCH rows"`` (the
+    variants but the baseline, among themselves) and ``"every variant"`` (the baseline
+    too); each where it has two variants and a residual degree of freedom."""
 
     @property
     def miou(self) -> dict[str, list[float]]:
@@ -249,13 +255,15 @@ class Ablation:
     def format(self, mark: Collection[str] = ()) -> str:
         """The paired table (:func:`rch.eval.paired.format_paired_summary`; classes in
         ``mark`` first) and, with a baseline, the pooled effect of all variants and the
-        variant + seed fit where it has a residual, and the resolving power where there is a
-        pooled SD."""
+        variant + seed fit and the F tests where they have a residual, and the resolving
+        power where there is a pooled SD."""
         text = format_paired_summary(self.summary, mark=mark)
         if self.pooled is not None:
             text += "\n" + format_pooled_effect(self.pooled)
         if self.additive is not None:
             text += "\n" + format_additive_effects(self.additive)
+        for label, test in self.f_tests.items():
+            text += "\n" + format_f_test(test, label)
         if self.power is not None:
             text += "\n" + format_power_table(self.power)
         return text
@@ -282,7 +290,13 @@ def ablate(
     additive = additive_effects(runs)  # every variant ran every seed: connected
     path = Path(cfg.train.out_dir) / f"{cfg.name}-ablation.json"
     power = power_table(summary, seeds=sorted({3, 5, len(seeds)}))
-    result = Ablation(list(seeds), runs, summary, pooled, path, additive, power)
+    compared = {
+        "RCH rows": [n for n in runs if n != "baseline"],
+        "every variant": list(runs),
+    }
+    tests = {label: variant_f_test(runs, names) for label, names in compared.items()}
+    f_tests = {label: t for label, t in tests.items() if t is not None}
+    result = Ablation(list(seeds), runs, summary, pooled, path, additive, power, f_tests)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "seeds": list(seeds),
@@ -291,6 +305,7 @@ def ablate(
         "pooled": pooled,
         "additive": additive,
         "power": power,
+        "f_tests": f_tests,
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(json_safe(data), indent=1))
