@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     def write() -> dict[str, Any]:
-        """Write the results file; its summary, pooled effect, variant + seed fit and the
-        protocol's resolving power."""
+        """Write the results file; its summary, pooled effect, variant + seed fit, F tests
+        and the protocol's resolving power."""
         meta["elapsed_s"] = round(time.time() - started)
         present = {k: dict(sorted(v.items())) for k, v in done.items() if v}
         summary = summarize(present)
