@@ -464,6 +464,8 @@ def test_variant_f_test_of_a_complete_design_is_the_two_way_anova():
     }
     test = variant_f_test(_runs(table))
     assert test is not None and test["variants"] == ["baseline", "a", "b"]
+    twice = variant_f_test(_runs(table), ["a", "baseline", "a", "b"])
+    assert twice is not None and twice["f"] == pytest.approx(test["f"]) and twice["df1"] == 2
     grand = statistics.fmean(v for row in table.values() for v in row.values())
     col = {s: statistics.fmean(row[s] for row in table.values()) for s in range(4)}
     ss_rows = 4 * sum((statistics.fmean(r.values()) - grand) ** 2 for r in table.values())

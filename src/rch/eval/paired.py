@@ -595,6 +595,7 @@ def variant_f_test(results: Runs, variants: Collection[str] | None = None) -> di
         (27.0, 1, 2, 0.035)
     """
     names = [n for n, runs in results.items() if runs] if variants is None else list(variants)
+    names = list(dict.fromkeys(names))  # a variant named twice counts once
     missing = [n for n in names if not results.get(n)]
     if missing:
         raise ValueError(f"no runs of variant(s) {', '.join(map(repr, missing))}")
