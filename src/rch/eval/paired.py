@@ -77,8 +77,9 @@ def student_t_critical(df: int, level: float = 0.95) -> float:
     degrees of freedom: ``P(|T| <= t) = level``. The half-width of a ``level`` interval of
     a mean is this times its SE.
 
-    Exact for integer ``df`` (the closed-form CDF of Abramowitz and Stegun 26.7.3-4, solved
-    by bisection), so it needs no statistics package.
+    The CDF is the regularized incomplete beta function that :func:`variant_f_test` uses
+    too (a t statistic squared is F with one numerator degree of freedom), solved for
+    ``level`` by bisection, so it needs no statistics package.
 
     Example:
         >>> round(student_t_critical(1), 3), round(student_t_critical(4), 3)
@@ -89,20 +90,8 @@ def student_t_critical(df: int, level: float = 0.95) -> float:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
 
-    def central(t: float) -> float:  # P(|T| <= t)
-        theta = math.atan(t / math.sqrt(df))
-        c2 = math.cos(theta) ** 2
-        if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...))
-            term, total = 1.0, 1.0 if df > 1 else 0.0
-            for j in range(1, (df - 1) // 2):
-                term *= c2 * (2 * j) / (2 * j + 1)
-                total += term
-            return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-        term, total = 1.0, 1.0  # even: sin (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...)
-        for j in range(1, df // 2):
-            term *= c2 * (2 * j - 1) / (2 * j)
-            total += term
-        return math.sin(theta) * total
+    def central(t: float) -> float:  # P(|T| <= t) = 1 - I_{df / (df + t^2)}(df / 2, 1 / 2)
+        return 1.0 - _regularized_beta(df / 2, 0.5, df / (df + t * t))
 
     lo, hi = 0.0, 1.0
     while central(hi) < level:
