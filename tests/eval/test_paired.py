@@ -46,6 +46,24 @@ def test_paired_differences_pair_by_seed_not_by_position():
     assert other["x"]["paired_diff"] == pytest.approx([10.0]) and "paired_diff" not in other["ref"]
 
 
+def test_summary_names_the_runs_left_out_of_the_paired_difference():
+    """A variant run on a seed the baseline lacks counts in its mean, not in its paired
+    difference; the table says so, and names only such variants."""
+    base = {0: {"mIoU": 0.50, "IoU": {}}, 1: {"mIoU": 0.52, "IoU": {}}}
+    both = {0: {"mIoU": 0.51, "IoU": {}}, 1: {"mIoU": 0.53, "IoU": {}}}
+    extra = {**both, 7: {"mIoU": 0.60, "IoU": {}}}
+    summary = summarize_paired({"baseline": base, "x": extra, "y": both})
+    assert summary["x"]["paired_seeds"] == [0, 1] and summary["x"]["diff_mean"] == pytest.approx(
+        1.0
+    )
+    assert summary["x"]["mean"] == pytest.approx(100 * statistics.fmean([0.51, 0.53, 0.60]))
+    text = format_paired_summary(summary)
+    assert "x (3 runs, 2 paired)" in text and "y (" not in text
+    assert "seeds the baseline lacks" not in format_paired_summary(
+        summarize_paired({"baseline": base, "y": both})
+    )
+
+
 def test_pools_the_spread_of_paired_differences_over_variants():
     """A variant's own SE rests on 2 degrees of freedom; the pooled SD weighs each variant's
     variance by its degrees of freedom, and gives a single-seed variant an SE too."""

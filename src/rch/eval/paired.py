@@ -684,7 +684,8 @@ def format_paired_summary(
     summary: Mapping[str, Mapping[str, Any]], mark: Collection[str] = (), baseline: str = "baseline"
 ) -> str:
     """The text table of :func:`summarize_paired`: one row per variant (mIoU, paired
-    difference, own and pooled SE, per-seed differences), then the per-class IoU deltas
+    difference, own and pooled SE, per-seed differences; a line naming the variants with
+    runs on seeds the baseline lacks), then the per-class IoU deltas
     (classes in ``mark``, the rare ones, first and starred), then the recall / precision
     deltas (class means, then the marked classes)."""
     w = max([14, *map(len, summary)])
@@ -713,6 +714,16 @@ def format_paired_summary(
             f" {pooled_of[0]['pooled_sd']:.2f} ({pooled_of[0]['pooled_df']} degrees of freedom),"
             " over sqrt(runs); 95 % interval: the mean +- t on those degrees of freedom times"
             " the pooled SE"
+        )
+    unpaired = [
+        f"{name} ({len(e['mIoU'])} runs, {len(e.get('paired_seeds', []))} paired)"
+        for name, e in summary.items()
+        if name != baseline and len(e.get("paired_seeds", [])) < len(e["mIoU"])
+    ]
+    if unpaired:  # a row's mIoU and std then cover more seeds than its paired difference
+        lines.append(
+            "runs on seeds the baseline lacks count in mIoU and std, not in the paired"
+            " difference: " + ", ".join(unpaired)
         )
     deltas = {n: e["class_delta"] for n, e in summary.items() if "class_delta" in e}
     if deltas:
