@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from rch.eval.paired import (
@@ -505,13 +505,16 @@ def test_variant_f_test_of_a_complete_design_is_the_two_way_anova():
     scores=st.lists(st.floats(50.0, 60.0), min_size=12, max_size=12),
     drop=st.sets(st.sampled_from([1, 2, 3, 5, 6, 7, 9, 10, 11]), max_size=3),
 )
+@example(  # seed 1 loses all three of its runs
+    scores=[50.0, 51.3, 52.0, 57.1, 53.2, 59.0, 55.5, 51.1, 58.3, 50.4, 54.4, 56.6], drop={1, 5, 9}
+)
 def test_variant_f_test_equals_a_comparison_of_two_least_squares_fits(
     scores: list[float], drop: set[int]
 ) -> None:
     """Three variants on four seeds, up to three runs missing (never a seed-0 run, so the
-    design stays connected): F is the drop in the residual sum of squares from seeds alone
-    to variant + seed, per variant degree of freedom, over the full fit's residual mean
-    square, with both fits done by torch's least squares."""
+    design stays connected; a seed may lose all its runs): F is the drop in the residual
+    sum of squares from seeds alone to variant + seed, per variant degree of freedom, over
+    the full fit's residual mean square, with both fits done by torch's least squares."""
     cells = [(v, s) for v in range(3) for s in range(4)]  # index 4 v + s: seed 0 at 0, 4, 8
     kept = [(c, y) for i, (c, y) in enumerate(zip(cells, scores, strict=True)) if i not in drop]
     table: dict[str, dict[int, float]] = {}
@@ -529,7 +532,8 @@ def test_variant_f_test_equals_a_comparison_of_two_least_squares_fits(
 
     full, seeds_only = rss(torch.cat([seed_x, var_x[:, 1:]], 1)), rss(seed_x)
     assume(full > 1e-6)  # scores that fit the additive model exactly are the refusals' case
-    assert test["df1"] == 2 and test["df2"] == len(kept) - 4 - 2
+    seeds = len({s for (_, s), _ in kept})  # 3 when all three of a seed's runs are dropped
+    assert test["df1"] == 2 and test["df2"] == len(kept) - seeds - 2
     assert test["runs"] == len(kept)
     expected = ((seeds_only - full) / 2) / (full / test["df2"])
     assert test["f"] == pytest.approx(expected, rel=1e-6)
