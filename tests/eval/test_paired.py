@@ -53,9 +53,8 @@ def test_summary_names_the_runs_left_out_of_the_paired_difference():
     both = {0: {"mIoU": 0.51, "IoU": {}}, 1: {"mIoU": 0.53, "IoU": {}}}
     extra = {**both, 7: {"mIoU": 0.60, "IoU": {}}}
     summary = summarize_paired({"baseline": base, "x": extra, "y": both})
-    assert summary["x"]["paired_seeds"] == [0, 1] and summary["x"]["diff_mean"] == pytest.approx(
-        1.0
-    )
+    assert summary["x"]["paired_seeds"] == [0, 1]
+    assert summary["x"]["diff_mean"] == pytest.approx(1.0)
     assert summary["x"]["mean"] == pytest.approx(100 * statistics.fmean([0.51, 0.53, 0.60]))
     text = format_paired_summary(summary)
     assert "x (3 runs, 2 paired)" in text and "y (" not in text
