@@ -9,7 +9,8 @@ classes Pole, SignSymbol, Pedestrian and Bicyclist first).
 Every run is resumable: rerunning the same command skips finished runs and resumes an
 interrupted one from its last checkpoint; results are rewritten after every run, keyed by
 variant and seed. ``--merge`` takes the runs of earlier results files of the same protocol
-(another session, another machine) instead of training them again.
+(another session, another machine) instead of training them again. ``camvid_report.py``
+draws the tables of ``RESULTS.md`` from the results file.
 
 Run: ``python benchmarks/camvid.py --root ../shared/data/camvid [--variants baseline paper
 official] [--ablation [ROW ...]] [--grid [POINT ...]] [--why [NAME ...]] [--seeds 0 1 2]
@@ -227,6 +228,24 @@ def f_tests(present: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
     return tests
 
 
+def analyse(present: Runs) -> dict[str, Any]:
+    """What the results file holds beside its runs and meta: the paired summary, the pooled
+    effect, the variant + seed fit, the F tests and the protocol's resolving power."""
+    summary = summarize(present)
+    try:  # the variant + seed fit needs every variant to share a seed with the rest
+        additive = additive_effects(present)
+    except ValueError as err:
+        print(f"no additive fit: {err}", flush=True)
+        additive = None
+    return {
+        "summary": summary,
+        "pooled": pooled_effect(present),
+        "additive": additive,
+        "f_tests": f_tests(present),
+        "power": power_table(summary, seeds=(3, 5, 10)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path("../shared/data/camvid"))
@@ -320,24 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     def write() -> dict[str, Any]:
-        """Write the results file; its summary, pooled effect, variant + seed fit, F tests
-        and the protocol's resolving power."""
+        """Write the results file: the runs and their analysis."""
         meta["elapsed_s"] = round(time.time() - started)
         present = {k: dict(sorted(v.items())) for k, v in done.items() if v}
-        summary = summarize(present)
-        try:  # the variant + seed fit needs every variant to share a seed with the rest
-            additive = additive_effects(present)
-        except ValueError as err:
-            print(f"no additive fit: {err}", flush=True)
-            additive = None
-        data = {
-            "meta": meta,
-            "summary": summary,
-            "pooled": pooled_effect(present),
-            "additive": additive,
-            "f_tests": f_tests(present),
-            "power": power_table(summary, seeds=(3, 5, 10)),
-        }
+        data = {"meta": meta, **analyse(present)}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.results.with_name(args.results.name + ".tmp")
         tmp.write_text(json.dumps(json_safe({**data, "runs": present}), indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -551,3 +552,167 @@ def test_drift_check_probe_tells_rounding_from_changed_math():
     assert not c["same_math"] and abs(c["probe_float64_rel_diff"] - 1e-3) < 1e-6
     official = dc.compare_probes(probe, dc.loss_probe("official"))  # another loss altogether
     assert not official["same_math"]
+
+
+def _report_data() -> dict[str, Any]:
+    """A small results file as ``camvid.py`` writes it (through JSON: seeds become strings
+    in ``runs``): the baseline and full RCH on seeds 0-2, ``tp+fn`` on 0, 1 and 5,
+    ``tp+fp`` on 0, 1 and 5, a grid point and ``paper-light`` on 0-2."""
+    from rch.train.logger import json_safe
+
+    camvid = _camvid_module()
+    mious = {
+        "baseline": {0: 50.0, 1: 52.0, 2: 51.0},
+        "paper": {0: 50.5, 1: 51.0, 2: 52.5},
+        "tp+fn": {0: 49.0, 1: 52.5, 5: 53.25},
+        "tp+fp": {0: 51.0, 1: 52.0, 5: 52.0},
+        "tau=0.25": {0: 50.25, 1: 52.75, 2: 50.0},
+        "paper-light": {0: 49.5, 1: 53.0, 2: 51.5},
+    }
+    present = {
+        name: {s: {"mIoU": m / 100, "IoU": {"Pole": m / 200}} for s, m in runs.items()}
+        for name, runs in mious.items()
+    }
+    variants = {
+        "baseline": ["rch.enabled=false"],
+        "paper": ["rch.formulation=paper"],
+        "tp+fn": ["rch.fp_term=false"],
+        "tp+fp": ["rch.fn_term=false"],
+        "tau=0.25": ["rch.tau=0.25"],
+        "paper-light": ["rch.formulation=paper", "rch.loss_weight=0.05"],
+    }
+    data = {"meta": {"variants": variants}, **camvid.analyse(present), "runs": present}
+    return json.loads(json.dumps(json_safe(data)))
+
+
+def test_camvid_report_tables_hold_the_runs_paired_differences():
+    report = _bench_module("camvid_report")
+    data = _report_data()
+    t1 = report.render(data, "table1")
+    assert t1[0].split(" | ")[4:7] == ["seed 0", "seed 1", "seed 2"]
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in t1[2:]}
+    assert list(rows) == ["`tp+fn`", "`tp+fp`", "full (`paper`)"]  # rows without runs left out
+    assert rows["`tp+fn`"][1:8] == [
+        "EMA of TP pixels",
+        "yes",
+        "",
+        "-1.00",
+        "+0.50",
+        "·",
+        "-0.25 (2 seeds)",
+    ]
+    s = data["summary"]["paper"]
+    lo, hi = s["diff_ci_pooled"]
+    assert rows["full (`paper`)"][4:9] == [
+        "+0.50",
+        "-1.00",
+        "+1.50",
+        "**+0.33** (3 seeds)",
+        f"{lo:+.2f} to {hi:+.2f}",
+    ]
+    fit = data["additive"]["effects"]["paper"]
+    assert (
+        rows["full (`paper`)"][9]
+        == f"{fit['effect']:+.2f} ({fit['ci'][0]:+.2f} to {fit['ci'][1]:+.2f}) |"
+    )
+    grid = [r.split(" | ") for r in report.render(data, "grid")[2:]]
+    assert [(r[0].lstrip("| "), r[1]) for r in grid] == [
+        ("**tau 0.5, rho 0.9, lambda 0.1 (defaults)**", "`paper`"),
+        ("tau 0.25", "`tau=0.25`"),
+        ("lambda 0.05", "`paper-light`"),  # one grid key changed: a point, whatever its name
+    ]
+    variants = {
+        r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in report.render(data, "variants")[2:]
+    }
+    assert variants["`baseline`"][1:6] == [
+        "`rch.enabled=false`",
+        "3 (0-2)",
+        "50.00, 52.00, 51.00",
+        "51.00",
+        "1.00",
+    ]
+    assert variants["`paper-light`"][1] == "`rch.loss_weight=0.05`"  # the shared default left out
+    assert variants["`tp+fn`"][2:4] == ["3 (0, 1, 5)", "49.00, 52.50, 53.25"]
+    assert variants["`tp+fn`"][4] == "51.58" and variants["`tp+fn`"][6] == "-1.00, +0.50, ·"
+    pairs = [r.split(" | ") for r in report.render(data, "pairs tp+fn tp+fp 5-6")[2:]]
+    assert pairs == [
+        ["| 5", "53.25", "52.00", "+1.25 |"],
+        ["| 6", "·", "·", "· |"],
+        ["| mean (1 pair)", "53.25", "52.00", "**+1.25** |"],
+    ]
+    every = report.render(data, "pairs tp+fn tp+fp")  # every seed both ran
+    assert every[-1] == "| mean (3 pairs) | 51.58 | 51.67 | **-0.08** |"
+
+
+def test_camvid_report_doctests_pass():
+    import doctest
+
+    result = doctest.testmod(_bench_module("camvid_report"))
+    assert result.failed == 0 and result.attempted >= 4
+
+
+def test_camvid_report_rewrites_only_inside_its_markers():
+    report = _bench_module("camvid_report")
+    data = _report_data()
+    text = (
+        "intro, kept\n\n- a bullet:\n\n"
+        "  <!-- camvid-report:pairs tp+fn tp+fp -->\n  stale\n  <!-- /camvid-report -->\n"
+        "\noutro\n"
+    )
+    new, changed = report.update(text, data)
+    assert changed == ["pairs tp+fn tp+fp"]
+    head, rest = new.split("  <!-- camvid-report:pairs tp+fn tp+fp -->\n")
+    body, tail = rest.split("  <!-- /camvid-report -->")
+    assert head == "intro, kept\n\n- a bullet:\n\n" and tail == "\n\noutro\n"
+    assert body.split("\n")[1:-2] == [
+        "  " + line for line in report.render(data, "pairs tp+fn tp+fp")
+    ]
+    assert "stale" not in body
+    assert report.update(new, data) == (new, [])  # a second pass changes nothing
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("<!-- camvid-report:table2 -->\n<!-- /camvid-report -->", "unknown block 'table2'"),
+        ("a\n<!-- camvid-report:grid -->\nb", "text:2: block 'grid' has no end marker"),
+        ("a\n<!-- /camvid-report -->", "text:2: an end marker without its start"),
+        ("<!-- camvid-report:table1 x -->\n<!-- /camvid-report -->", "table1 takes no arguments"),
+        ("<!-- camvid-report:pairs tp+fn nope -->\n<!-- /camvid-report -->", "variant 'nope'"),
+        ("<!-- camvid-report:pairs tp+fn tp+fp 5..9 -->\n<!-- /camvid-report -->", "seeds '5..9'"),
+        (
+            "<!-- camvid-report:grid -->\n<!-- camvid-report:grid -->\n<!-- /camvid-report -->",
+            "text:1: block 'grid' has no end marker",
+        ),
+    ],
+)
+def test_camvid_report_names_a_bad_marker(text: str, message: str):
+    report = _bench_module("camvid_report")
+    with pytest.raises(report.ReportError, match=re.escape(message)):
+        report.update(text, _report_data())
+
+
+def test_camvid_report_check_writes_nothing_and_fails_on_a_stale_block(tmp_path: Path, capsys):
+    report = _bench_module("camvid_report")
+    results = tmp_path / "camvid.json"
+    results.write_text(json.dumps(_report_data()))
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- camvid-report:table1 -->\n<!-- /camvid-report -->\n")
+    argv = ["--results", str(results), "--update", str(doc)]
+    assert report.main([*argv, "--check"]) == 1
+    assert doc.read_text() == "<!-- camvid-report:table1 -->\n<!-- /camvid-report -->\n"
+    assert "out of date: table1" in capsys.readouterr().out
+    assert report.main(argv) == 0 and "| full (`paper`) |" in doc.read_text()
+    assert report.main([*argv, "--check"]) == 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_results_md_tables_are_in_step_with_camvid_json(capsys):
+    """The committed tables quote the committed runs: rerun ``camvid_report.py --update``
+    after merging runs into ``camvid.json``."""
+    report = _bench_module("camvid_report")
+    results = ROOT / "benchmarks" / "results" / "camvid.json"
+    doc = ROOT / "benchmarks" / "RESULTS.md"
+    code = report.main(["--results", str(results), "--update", str(doc), "--check"])
+    assert code == 0, capsys.readouterr().out
+    assert doc.read_text().count("<!-- camvid-report:") >= 3

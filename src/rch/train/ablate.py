@@ -30,6 +30,7 @@ from .trainer import train
 
 __all__ = [
     "GRID",
+    "GRID_DEFAULTS",
     "TABLE1",
     "Ablation",
     "Variant",
@@ -60,6 +61,9 @@ GRID: dict[str, tuple[float, ...]] = {
 }
 """Figure 4: one hyper-parameter varied at a time around the defaults."""
 
+GRID_DEFAULTS: dict[str, float] = {"rch.tau": 0.5, "rch.momentum": 0.9, "rch.loss_weight": 0.1}
+"""The defaults the grid varies around (the paper's: tau 0.5, rho 0.9, lambda 0.1)."""
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -80,10 +84,9 @@ def variants(rows: Sequence[str] = tuple(TABLE1), grid: bool = False) -> list[Va
         raise KeyError(f"unknown ablation rows {unknown}; choose from {list(TABLE1)}")
     out = [Variant(r, tuple(TABLE1[r])) for r in rows]
     if grid:
-        defaults = {"rch.tau": 0.5, "rch.momentum": 0.9, "rch.loss_weight": 0.1}
         for key, values in GRID.items():
             for value in values:
-                if value != defaults[key]:
+                if value != GRID_DEFAULTS[key]:
                     out.append(Variant(f"{key.split('.')[1]}={value}", (f"{key}={value}",)))
     return out
 

@@ -1,0 +1,394 @@
+"""Markdown tables of the CamVid benchmark, drawn from its results file.
+
+The tables in ``RESULTS.md`` (and anywhere else) that quote ``camvid.json`` sit between
+markers, and this script rewrites what lies between them, so they cannot drift from the
+runs::
+
+    <!-- camvid-report:table1 -->
+    (generated; edits here are overwritten)
+    <!-- /camvid-report -->
+
+Blocks: ``table1`` (the paper's Table 1 rows, paired by seed), ``grid`` (the tau / rho /
+lambda points, the defaults first), ``variants`` (every variant: its settings, runs, mIoU,
+paired differences and the variant + seed fit) and ``pairs A B [SEEDS]`` (two variants seed
+by seed, ``A`` minus ``B``; SEEDS such as ``5-9`` or ``0,2``; every seed both ran when
+omitted). A marker may be indented (inside a list item): the block takes its indentation.
+
+Run: ``python benchmarks/camvid_report.py [--results benchmarks/results/camvid.json]
+[--update benchmarks/RESULTS.md ...] [--check]``. Without ``--update`` it prints every
+block; with ``--check`` it writes nothing and exits 1 if a block is out of date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rch.train.ablate import GRID, GRID_DEFAULTS, TABLE1
+
+BASE_SETTINGS = ("rch.formulation=paper",)
+"""Settings every RCH variant has unless it names another (the paper formulation)."""
+GRID_LABELS = {"rch.tau": "tau", "rch.momentum": "rho", "rch.loss_weight": "lambda"}
+MISSING = "·"
+"""A seed the variant did not run."""
+START = re.compile(r"^(?P<indent>[ \t]*)<!-- camvid-report:(?P<spec>[^>]*?) -->[ \t]*$")
+END = re.compile(r"^[ \t]*<!-- /camvid-report -->[ \t]*$")
+
+
+class ReportError(ValueError):
+    """A marker that cannot be rendered: unknown block, bad arguments, unclosed marker."""
+
+
+def signed(x: float | None) -> str:
+    """``+0.42``; empty for a missing or NaN value."""
+    return "" if x is None or math.isnan(x) else f"{x:+.2f}"
+
+
+def plain(x: float | None) -> str:
+    """``0.42``; empty for a missing or NaN value."""
+    return "" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def interval(ci: Sequence[float] | None) -> str:
+    """``-0.63 to +0.89``; empty without an interval."""
+    if ci is None or any(math.isnan(c) for c in ci):
+        return ""
+    return f"{ci[0]:+.2f} to {ci[1]:+.2f}"
+
+
+def seed_span(seeds: Sequence[int]) -> str:
+    """Seeds as written in the tables: ``0-4`` for a run of consecutive seeds, else a list.
+
+    >>> seed_span([0, 1, 2, 3, 4]), seed_span([0, 1]), seed_span([0, 2, 3]), seed_span([7])
+    ('0-4', '0, 1', '0, 2, 3', '7')
+    """
+    s = sorted(seeds)
+    if len(s) > 2 and s == list(range(s[0], s[-1] + 1)):
+        return f"{s[0]}-{s[-1]}"
+    return ", ".join(map(str, s))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``5-9`` or ``0,2,3`` as a list of seeds.
+
+    >>> parse_seeds("5-9"), parse_seeds("0,2")
+    ([5, 6, 7, 8, 9], [0, 2])
+    """
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ReportError(f"seeds {text!r}: write them as 5-9 or 0,2,3") from None
+
+
+def settings(data: dict[str, Any], name: str) -> list[str]:
+    """A variant's overrides as the results file records them, less the shared defaults."""
+    return [o for o in data["meta"]["variants"].get(name, []) if o not in BASE_SETTINGS]
+
+
+def _baseline_seeds(data: dict[str, Any]) -> list[int]:
+    return [int(s) for s in data["summary"]["baseline"]["seeds"]]
+
+
+def _paired_by_seed(data: dict[str, Any], name: str) -> dict[int, float]:
+    entry = data["summary"][name]
+    seeds = entry.get("paired_seeds", [])
+    return dict(zip((int(s) for s in seeds), entry.get("paired_diff", []), strict=True))
+
+
+def _per_seed_cells(data: dict[str, Any], name: str) -> list[str]:
+    """The paired difference on each of the baseline's seeds, ``·`` where not run."""
+    diffs = _paired_by_seed(data, name)
+    return [signed(diffs[s]) if s in diffs else MISSING for s in _baseline_seeds(data)]
+
+
+def _mean_cell(entry: dict[str, Any]) -> str:
+    n = len(entry["paired_diff"])
+    mean = signed(entry["diff_mean"])
+    return f"**{mean}** ({n} seeds)" if n >= 3 else f"{mean} ({n} seed{'s' * (n > 1)})"
+
+
+def _fit_cell(data: dict[str, Any], name: str) -> str:
+    effects = (data.get("additive") or {}).get("effects", {})
+    if name not in effects:
+        return ""
+    return f"{signed(effects[name]['effect'])} ({interval(effects[name]['ci'])})"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
+
+
+def _seed_header(data: dict[str, Any]) -> list[str]:
+    return [f"seed {s}" for s in _baseline_seeds(data)]
+
+
+def table1_traits(overrides: Sequence[str]) -> tuple[str, str, str]:
+    """Where a Table 1 row's prototypes come from and whether it has each margin."""
+    if "rch.prototypes=learned" in overrides:
+        source = "learned parameter"
+    elif "rch.prototype_source=gt" in overrides:
+        source = "EMA of all labelled pixels"
+    else:
+        source = "EMA of TP pixels"
+    fn = "" if "rch.fn_term=false" in overrides else "yes"
+    fp = "" if "rch.fp_term=false" in overrides else "yes"
+    return source, fn, fp
+
+
+def table1(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """The paper's Table 1 rows against the baseline, one column per baseline seed; full RCH
+    is the ``paper`` variant."""
+    _no_args("table1", args)
+    rows = []
+    for row in [r for r in TABLE1 if r not in ("baseline", "full")] + ["paper"]:
+        entry = data["summary"].get(row)
+        if entry is None or "paired_diff" not in entry:
+            continue
+        label = "full (`paper`)" if row == "paper" else f"`{row}`"
+        traits = table1_traits(TABLE1["full" if row == "paper" else row])
+        rows.append(
+            [
+                label,
+                *traits,
+                *_per_seed_cells(data, row),
+                _mean_cell(entry),
+                interval(entry["diff_ci_pooled"]),
+                _fit_cell(data, row),
+            ]
+        )
+    header = ["row", "prototypes", "FN margin", "FP margin", *_seed_header(data)]
+    return _table([*header, "mean", "95 % interval", "variant + seed fit"], rows)
+
+
+def grid_point(overrides: Sequence[str]) -> tuple[str, str] | None:
+    """The grid key and value (as written) a variant sets, if it sets exactly one grid key
+    and nothing else (the paper formulation aside).
+
+    >>> grid_point(["rch.formulation=paper", "rch.loss_weight=0.05"])
+    ('rch.loss_weight', '0.05')
+    >>> grid_point(["rch.tau=0.25", "rch.ohem=hide"]), grid_point(["rch.ohem=hide"])
+    (None, None)
+    """
+    rest = [o for o in overrides if o not in BASE_SETTINGS]
+    if len(rest) != 1 or "=" not in rest[0]:
+        return None
+    key, value = rest[0].split("=", 1)
+    if key not in GRID:
+        return None
+    try:
+        float(value)
+    except ValueError:
+        return None
+    return key, value
+
+
+def grid(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """The tau / rho / lambda points with runs, one value changed from the defaults (the
+    ``paper`` variant, first), by axis and value; every variant that changes one grid key
+    only counts (``paper-light`` is lambda 0.05)."""
+    _no_args("grid", args)
+    points: dict[tuple[str, str], str] = {}
+    for name in data["summary"]:
+        point = grid_point(data["meta"]["variants"].get(name, []))
+        if point is not None and "paired_diff" in data["summary"][name]:
+            points.setdefault(point, name)
+    defaults = ", ".join(f"{GRID_LABELS[k]} {v:g}" for k, v in GRID_DEFAULTS.items())
+    order = sorted(points, key=lambda kv: (list(GRID).index(kv[0]), float(kv[1])))
+    rows = []
+    for label, name in [(f"**{defaults} (defaults)**", "paper")] + [
+        (f"{GRID_LABELS[k]} {v}", points[k, v]) for k, v in order
+    ]:
+        entry = data["summary"].get(name)
+        if entry is None or "paired_diff" not in entry:
+            continue
+        rows.append(
+            [
+                label,
+                f"`{name}`",
+                *_per_seed_cells(data, name),
+                _mean_cell(entry),
+                interval(entry["diff_ci_pooled"]),
+                _fit_cell(data, name),
+            ]
+        )
+    header = ["point", "variant", *_seed_header(data), "mean", "95 % interval"]
+    return _table([*header, "variant + seed fit"], rows)
+
+
+def variants(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """Every variant in the results file: its settings, its runs' seeds, their mIoU, its
+    mean and std, the paired difference on each baseline seed, their mean, own SE, pooled SE,
+    the 95 % t interval on the pooled SE and the variant + seed fit's effect."""
+    _no_args("variants", args)
+    rows = []
+    for name, entry in data["summary"].items():
+        changed = ", ".join(f"`{o}`" for o in settings(data, name)) or "(defaults)"
+        runs = f"{len(entry['seeds'])} ({seed_span(entry['seeds'])})"
+        own = [", ".join(map(plain, entry["mIoU"])), plain(entry["mean"]), plain(entry["std"])]
+        if "paired_diff" not in entry:
+            rows.append([f"`{name}`", changed, runs, *own, "", "", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                f"`{name}`",
+                changed,
+                runs,
+                *own,
+                ", ".join(_per_seed_cells(data, name)),
+                _mean_cell(entry),
+                plain(entry["diff_se"]),
+                plain(entry["diff_se_pooled"]),
+                interval(entry["diff_ci_pooled"]),
+                _fit_cell(data, name),
+            ]
+        )
+    seeds = seed_span(_baseline_seeds(data))
+    header = ["variant", "settings", "runs (seeds)", "mIoU per seed", "mean", "std"]
+    header += [f"paired diff, seeds {seeds}", "mean diff", "SE", "pooled SE", "95 % interval"]
+    return _table([*header, "variant + seed fit"], rows)
+
+
+def pairs(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """Two variants seed by seed: each one's mIoU and ``A`` minus ``B``, then their means
+    (over the listed seeds, or every seed both ran)."""
+    if len(args) not in (2, 3):
+        raise ReportError(f"pairs takes two variants and optional seeds, not {list(args)}")
+    a, b = args[0], args[1]
+    for name in (a, b):
+        if name not in data["runs"]:
+            raise ReportError(f"pairs: no runs of variant {name!r} in the results file")
+    ra, rb = data["runs"][a], data["runs"][b]
+    both = sorted(int(s) for s in ra if s in rb)
+    seeds = parse_seeds(args[2]) if len(args) == 3 else both
+    rows: list[list[str]] = []
+    both_ran: list[tuple[float, float]] = []  # (A, B) on each listed seed both ran
+    for s in seeds:
+        ma = 100 * ra[str(s)]["mIoU"] if str(s) in ra else None
+        mb = 100 * rb[str(s)]["mIoU"] if str(s) in rb else None
+        d = None
+        if ma is not None and mb is not None:
+            both_ran.append((ma, mb))
+            d = ma - mb
+        rows.append([str(s), plain(ma) or MISSING, plain(mb) or MISSING, signed(d) or MISSING])
+    if both_ran:
+        n = len(both_ran)
+        ma, mb = (statistics.fmean(x) for x in zip(*both_ran, strict=True))
+        rows.append(
+            [f"mean ({n} pair{'s' * (n > 1)})", plain(ma), plain(mb), f"**{signed(ma - mb)}**"]
+        )
+    return _table(["seed", f"`{a}`", f"`{b}`", f"`{a}` minus `{b}`"], rows)
+
+
+def _no_args(block: str, args: Sequence[str]) -> None:
+    if args:
+        raise ReportError(f"{block} takes no arguments, not {list(args)}")
+
+
+BLOCKS: dict[str, Callable[[dict[str, Any], Sequence[str]], list[str]]] = {
+    "table1": table1,
+    "grid": grid,
+    "variants": variants,
+    "pairs": pairs,
+}
+
+
+def render(data: dict[str, Any], spec: str) -> list[str]:
+    """The lines of one block, ``spec`` as in its marker (``pairs tp+fn tp+fp 5-9``)."""
+    kind, *args = spec.split()
+    if kind not in BLOCKS:
+        raise ReportError(f"unknown block {kind!r}; choose from {sorted(BLOCKS)}")
+    return BLOCKS[kind](data, args)
+
+
+def update(text: str, data: dict[str, Any], where: str = "text") -> tuple[str, list[str]]:
+    """``text`` with every marked block rewritten from ``data``, and the specs of the blocks
+    that changed. Text outside the markers is kept byte for byte.
+
+    Raises:
+        ReportError: a start marker without its end (or an end without a start), an
+            unknown block, bad block arguments; named with ``where`` and the line.
+    """
+    lines = text.split("\n")
+    out: list[str] = []
+    changed: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        start = START.match(line)
+        if END.match(line):
+            raise ReportError(f"{where}:{i + 1}: an end marker without its start")
+        out.append(line)
+        i += 1
+        if start is None:
+            continue
+        spec, indent = start["spec"].strip(), start["indent"]
+        j = i
+        while j < len(lines) and not END.match(lines[j]):
+            if START.match(lines[j]):
+                break
+            j += 1
+        if j == len(lines) or not END.match(lines[j]):
+            raise ReportError(f"{where}:{i}: block {spec!r} has no end marker")
+        try:
+            body = render(data, spec)
+        except ReportError as err:
+            raise ReportError(f"{where}:{i}: {err}") from None
+        new = ["", *(indent + b for b in body), ""]
+        if lines[i:j] != new:
+            changed.append(spec)
+        out.extend([*new, lines[j]])
+        i = j + 1
+    return "\n".join(out), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/camvid.json"))
+    p.add_argument("--update", type=Path, nargs="+", default=[], help="files to rewrite")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if one is stale")
+    args = p.parse_args(argv)
+    try:
+        data = json.loads(args.results.read_text())
+    except (OSError, ValueError) as e:
+        p.error(f"--results {args.results}: unreadable ({e})")
+    if not args.update:
+        for spec in ("table1", "grid", "variants"):
+            print(f"<!-- camvid-report:{spec} -->", *render(data, spec), "", sep="\n")
+        return 0
+    stale = 0
+    for path in args.update:
+        try:
+            text, changed = update(path.read_text(), data, str(path))
+        except OSError as e:
+            p.error(f"--update {path}: unreadable ({e})")
+        except ReportError as e:
+            p.error(str(e))
+        if not changed:
+            print(f"{path}: up to date")
+        elif args.check:
+            stale += len(changed)
+            print(f"{path}: out of date: {', '.join(changed)}")
+        else:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)  # a reader never sees half a file
+            print(f"{path}: rewrote {', '.join(changed)}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
