@@ -308,10 +308,13 @@ BLOCKS: dict[str, Callable[[dict[str, Any], Sequence[str]], list[str]]] = {
 
 def render(data: dict[str, Any], spec: str) -> list[str]:
     """The lines of one block, ``spec`` as in its marker (``pairs tp+fn tp+fp 5-9``)."""
-    kind, *args = spec.split()
+    kind, *args = spec.split() or [""]
     if kind not in BLOCKS:
         raise ReportError(f"unknown block {kind!r}; choose from {sorted(BLOCKS)}")
-    return BLOCKS[kind](data, args)
+    try:
+        return BLOCKS[kind](data, args)
+    except KeyError as err:  # a results file of another kind, or without a baseline
+        raise ReportError(f"{spec}: the results file has no {err}") from None
 
 
 def update(text: str, data: dict[str, Any], where: str = "text") -> tuple[str, list[str]]:
@@ -367,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--results {args.results}: unreadable ({e})")
     if not args.update:
         for spec in ("table1", "grid", "variants"):
-            print(f"<!-- camvid-report:{spec} -->", *render(data, spec), "", sep="\n")
+            block = [f"<!-- camvid-report:{spec} -->", "", *render(data, spec), ""]
+            print(*block, "<!-- /camvid-report -->", "", sep="\n")
         return 0
     stale = 0
     for path in args.update:

@@ -684,12 +684,23 @@ def test_camvid_report_rewrites_only_inside_its_markers():
             "<!-- camvid-report:grid -->\n<!-- camvid-report:grid -->\n<!-- /camvid-report -->",
             "text:1: block 'grid' has no end marker",
         ),
+        ("<!-- camvid-report: -->\n<!-- /camvid-report -->", "unknown block ''"),
     ],
 )
 def test_camvid_report_names_a_bad_marker(text: str, message: str):
     report = _bench_module("camvid_report")
     with pytest.raises(report.ReportError, match=re.escape(message)):
         report.update(text, _report_data())
+
+
+def test_camvid_report_names_what_the_results_file_lacks():
+    report = _bench_module("camvid_report")
+    data = _report_data()
+    del data["summary"]["baseline"]
+    with pytest.raises(
+        report.ReportError, match=re.escape("table1: the results file has no 'baseline'")
+    ):
+        report.render(data, "table1")
 
 
 def test_camvid_report_check_writes_nothing_and_fails_on_a_stale_block(tmp_path: Path, capsys):
