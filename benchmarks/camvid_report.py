@@ -10,9 +10,11 @@ runs::
 
 Blocks: ``table1`` (the paper's Table 1 rows, paired by seed), ``grid`` (the tau / rho /
 lambda points, the defaults first), ``variants`` (every variant: its settings, runs, mIoU,
-paired differences and the variant + seed fit) and ``pairs A B [SEEDS]`` (two variants seed
-by seed, ``A`` minus ``B``; SEEDS such as ``5-9`` or ``0,2``; every seed both ran when
-omitted). A marker may be indented (inside a list item): the block takes its indentation.
+paired differences and the variant + seed fit), ``classes [VARIANT ...]`` (per-class IoU
+deltas to the baseline, the rare classes first; ``paper``, ``official`` and the Table 1
+rows when none is named) and ``pairs A B [SEEDS]`` (two variants seed by seed, ``A`` minus
+``B``; SEEDS such as ``5-9`` or ``0,2``; every seed both ran when omitted). A marker may
+be indented (inside a list item): the block takes its indentation.
 
 Run: ``python benchmarks/camvid_report.py [--results benchmarks/results/camvid.json]
 [--update benchmarks/RESULTS.md ...] [--check]``. Without ``--update`` it prints every
@@ -31,7 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rch.eval.paired import marked_first
 from rch.train.ablate import GRID, GRID_DEFAULTS, TABLE1
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from camvid import RARE
 
 BASE_SETTINGS = ("rch.formulation=paper",)
 """Settings every RCH variant has unless it names another (the paper formulation)."""
@@ -262,6 +268,34 @@ def variants(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     return _table([*header, "variant + seed fit"], rows)
 
 
+def classes(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """Per-class IoU deltas to the baseline (each variant's ``class_delta``: the mean over
+    its paired seeds), a row per class with the rare classes first (starred) and the
+    baseline's own mean IoU beside them; ``paper``, ``official`` and the Table 1 rows that
+    have runs when ``args`` names no variant."""
+    summary = data["summary"]
+    default = ["paper", "official", *(r for r in TABLE1 if r not in ("baseline", "full"))]
+    names = list(args) or [n for n in default if "class_delta" in summary.get(n, {})]
+    for name in names:
+        if "class_delta" not in summary.get(name, {}):
+            raise ReportError(f"classes: variant {name!r} has no paired runs")
+    base = data["runs"]["baseline"]
+    order = marked_first(list(summary[names[0]]["class_delta"]), RARE)
+    rows = []
+    for c in order:
+        own = statistics.fmean(100 * (run["IoU"][c] or 0.0) for run in base.values())
+        cells = [signed(summary[n]["class_delta"][c]) for n in names]
+        rows.append([f"{c} *" if c in RARE else c, plain(own), *cells])
+    mious = [f"**{signed(summary[n]['diff_mean'])}**" for n in names]
+    rows.append(["mIoU", plain(summary["baseline"]["mean"]), *mious])
+    header = [
+        "class (* rare)",
+        f"baseline IoU ({len(base)} runs)",
+        *(f"`{n}` ({len(summary[n]['paired_diff'])} seeds)" for n in names),
+    ]
+    return _table(header, rows)
+
+
 def pairs(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     """Two variants seed by seed: each one's mIoU and ``A`` minus ``B``, then their means
     (over the listed seeds, or every seed both ran)."""
@@ -302,6 +336,7 @@ BLOCKS: dict[str, Callable[[dict[str, Any], Sequence[str]], list[str]]] = {
     "table1": table1,
     "grid": grid,
     "variants": variants,
+    "classes": classes,
     "pairs": pairs,
 }
 

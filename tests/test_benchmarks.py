@@ -642,6 +642,18 @@ def test_camvid_report_tables_hold_the_runs_paired_differences():
     ]
     every = report.render(data, "pairs tp+fn tp+fp")  # every seed both ran
     assert every[-1] == "| mean (3 pairs) | 51.58 | 51.67 | **-0.08** |"
+    classes = report.render(data, "classes")  # paper, official and Table 1 rows with runs
+    assert classes[0] == (
+        "| class (* rare) | baseline IoU (3 runs) | `paper` (3 seeds) | `tp+fn` (2 seeds)"
+        " | `tp+fp` (2 seeds) |"
+    )
+    pole = classes[2].strip("| ").split(" | ")  # Pole's IoU is mIoU / 2: deltas are half
+    assert pole[:3] == ["Pole *", "25.50", "+0.17"] and pole[4] == "+0.25"
+    assert abs(float(pole[3]) - (-0.125)) < 0.0051  # -1 and +0.5, halved, rounded
+    assert classes[-1] == "| mIoU | 51.00 | **+0.33** | **-0.25** | **+0.50** |"
+    assert report.render(data, "classes tp+fp")[0].endswith("| `tp+fp` (2 seeds) |")
+    with pytest.raises(report.ReportError, match="variant 'official' has no paired runs"):
+        report.render(data, "classes official")
 
 
 def test_camvid_report_doctests_pass():
