@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{e}" if isinstance(e, ValueError) else f"--merge {path}: unreadable ({e!r})")
         for name, seeds in merged.items():  # all of them: nothing already measured is lost
             done.setdefault(name, {}).update(seeds)
-        for name, changed in theirs.items():
-            described.setdefault(name, changed)
+        for name, recorded in theirs.items():
+            described.setdefault(name, recorded)
     meta = run_meta(
         argv,
         config=protocol,
