@@ -12,8 +12,11 @@ Blocks: ``table1`` (the paper's Table 1 rows, paired by seed), ``grid`` (the tau
 lambda points, the defaults first), ``variants`` (every variant: its settings, runs, mIoU,
 paired differences and the variant + seed fit), ``classes [VARIANT ...]`` (per-class IoU
 deltas to the baseline, the rare classes first; ``paper``, ``official`` and the Table 1
-rows when none is named) and ``pairs A B [SEEDS]`` (two variants seed by seed, ``A`` minus
-``B``; SEEDS such as ``5-9`` or ``0,2``; every seed both ran when omitted). A marker may
+rows when none is named), ``pairs A B [SEEDS]`` (two variants seed by seed, ``A`` minus
+``B``; SEEDS such as ``5-9`` or ``0,2``; every seed both ran when omitted) and ``test A B
+SEEDS sd=S df=N alternative=greater|less [level=0.95]`` (a test fixed before its runs, on
+the mean of ``A`` minus ``B`` over SEEDS: :func:`rch.eval.paired.prespecified_test`; its
+outcome once every seed has both runs). A marker may
 be indented (inside a list item): the block takes its indentation.
 
 Run: ``python benchmarks/camvid_report.py [--results benchmarks/results/camvid.json]
@@ -31,9 +34,9 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from rch.eval.paired import marked_first
+from rch.eval.paired import marked_first, prespecified_test
 from rch.train.ablate import GRID, GRID_DEFAULTS, TABLE1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,6 +45,8 @@ from camvid import RARE
 BASE_SETTINGS = ("rch.formulation=paper",)
 """Settings every RCH variant has unless it names another (the paper formulation)."""
 GRID_LABELS = {"rch.tau": "tau", "rch.momentum": "rho", "rch.loss_weight": "lambda"}
+SIDES: dict[str | None, Literal["greater", "less"]] = {"greater": "greater", "less": "less"}
+"""A test's ``alternative=`` as written, and as :func:`prespecified_test` takes it."""
 MISSING = "·"
 """A seed the variant did not run."""
 START = re.compile(r"^(?P<indent>[ \t]*)<!-- camvid-report:(?P<spec>[^>]*?) -->[ \t]*$")
@@ -53,8 +58,14 @@ class ReportError(ValueError):
 
 
 def signed(x: float | None) -> str:
-    """``+0.42``; empty for a missing or NaN value."""
-    return "" if x is None or math.isnan(x) else f"{x:+.2f}"
+    """``+0.42``; empty for a missing or NaN value; a value that rounds to zero is +0.00.
+
+    >>> signed(0.424), signed(-1e-12), signed(None)
+    ('+0.42', '+0.00', '')
+    """
+    if x is None or math.isnan(x):
+        return ""
+    return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0
 
 
 def plain(x: float | None) -> str:
@@ -327,6 +338,55 @@ def pairs(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     return _table(["seed", f"`{a}`", f"`{b}`", f"`{a}` minus `{b}`"], rows)
 
 
+def test(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """A test fixed before its runs (:func:`rch.eval.paired.prespecified_test`): the mean
+    of ``A`` minus ``B`` over the planned seeds that both have run, on the fixed SD, and
+    the outcome once all of them have."""
+    keys = ("sd", "df", "alternative", "level")  # variant names may hold "=": tau=0.25
+    options = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in keys)
+    positional = [a for a in args if a.split("=", 1)[0] not in keys]
+    alternative = options.get("alternative")
+    if len(positional) != 3 or {"sd", "df"} - set(options) or alternative not in SIDES:
+        raise ReportError(
+            f"test takes A B SEEDS sd=S df=N alternative=greater|less [level=L], not {list(args)}"
+        )
+    a, b, seed_text = positional
+    for name in (a, b):
+        if name not in data["runs"]:
+            raise ReportError(f"test: no runs of variant {name!r} in the results file")
+    seeds = parse_seeds(seed_text)
+    ra, rb = data["runs"][a], data["runs"][b]
+    diffs = [
+        100 * (ra[str(s)]["mIoU"] - rb[str(s)]["mIoU"])
+        for s in seeds
+        if str(s) in ra and str(s) in rb
+    ]
+    try:
+        sd, df, level = float(options["sd"]), int(options["df"]), float(options.get("level", 0.95))
+        r = prespecified_test(diffs, sd, df, len(seeds), SIDES[alternative], level)
+    except ValueError as err:
+        raise ReportError(f"test: {err}") from None
+    side = "above" if alternative == "greater" else "below"
+    if r["decided"]:
+        outcome = "**confirmed**" if r["confirmed"] else "**not confirmed**"
+        cells = [signed(r["mean"]), signed(r["t"]), f"{r['p']:.3f}"]
+    else:
+        outcome = (
+            f"waiting for {r['planned'] - r['n']} more pair{'s' * (r['planned'] - r['n'] > 1)}"
+        )
+        cells = [f"{signed(r['mean'])} (so far)" if r["n"] else "", "", ""]
+    header = [
+        "pairs",
+        f"mean `{a}` minus `{b}`",
+        f"t (SE {r['se']:.2f}: SD {sd:g} fixed, {df} df)",
+        "one-sided p",
+        "confirmed if the mean is",
+        "outcome",
+    ]
+    row = [f"{r['n']} of {r['planned']} (seeds {seed_span(seeds)})", cells[0], cells[1], cells[2]]
+    return _table(header, [[*row, f"{side} {signed(r['bound'])}", outcome]])
+
+
 def _no_args(block: str, args: Sequence[str]) -> None:
     if args:
         raise ReportError(f"{block} takes no arguments, not {list(args)}")
@@ -338,6 +398,7 @@ BLOCKS: dict[str, Callable[[dict[str, Any], Sequence[str]], list[str]]] = {
     "variants": variants,
     "classes": classes,
     "pairs": pairs,
+    "test": test,
 }
 
 

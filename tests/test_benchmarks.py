@@ -656,6 +656,45 @@ def test_camvid_report_tables_hold_the_runs_paired_differences():
         report.render(data, "classes official")
 
 
+def test_camvid_report_test_block_applies_the_fixed_test_once_every_pair_has_run():
+    from rch.eval.paired import prespecified_test
+
+    report = _bench_module("camvid_report")
+    data = _report_data()  # tp+fn minus tp+fp: -2, +0.5, +1.25 on seeds 0, 1, 5
+    done = report.render(data, "test tp+fn tp+fp 0,1,5 sd=1.5 df=20 alternative=less")
+    r = prespecified_test([-2.0, 0.5, 1.25], 1.5, 20, 3, "less")
+    assert done[0].split(" | ")[2] == "t (SE 0.87: SD 1.5 fixed, 20 df)"
+    row = done[2].strip("| ").split(" | ")
+    assert row == [
+        "3 of 3 (seeds 0, 1, 5)", "-0.08", f"{r['t']:+.2f}", f"{r['p']:.3f}",
+        f"below {r['bound']:+.2f}", "**not confirmed**",
+    ]  # fmt: skip
+    hit = report.render(data, "test paper baseline 0-2 sd=0.1 df=20 alternative=greater")
+    assert hit[2].endswith("| above +0.10 | **confirmed** |")  # +0.33 over 3 seeds, SE 0.06
+    part = report.render(data, "test tp+fn baseline 0-4 sd=1 df=20 alternative=greater")
+    assert part[2].strip("| ").split(" | ")[:4] == ["2 of 5 (seeds 0-4)", "-0.25 (so far)", "", ""]
+    assert part[2].endswith("| waiting for 3 more pairs |")
+    grid = report.render(data, "test tau=0.25 baseline 0-2 sd=1 df=20 alternative=less")
+    assert grid[2].startswith("| 3 of 3 (seeds 0-2) | +0.00 | +0.00 | 0.500 |")  # "=" in a name
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("test tp+fn tp+fp 5-9 sd=1 df=20", "test takes A B SEEDS"),
+        ("test tp+fn tp+fp 5-9 sd=1 df=20 alternative=two-sided", "test takes A B SEEDS"),
+        ("test tp+fn 5-9 sd=1 df=20 alternative=less", "test takes A B SEEDS"),
+        ("test tp+fn nope 5-9 sd=1 df=20 alternative=less", "no runs of variant 'nope'"),
+        ("test tp+fn tp+fp 5-9 sd=-1 df=20 alternative=less", "test: sd must be positive"),
+        ("test tp+fn tp+fp 5-9 sd=1 df=x alternative=less", "test: invalid literal"),
+    ],
+)
+def test_camvid_report_test_block_names_bad_arguments(spec: str, message: str):
+    report = _bench_module("camvid_report")
+    with pytest.raises(report.ReportError, match=re.escape(message)):
+        report.render(_report_data(), spec)
+
+
 def test_camvid_report_doctests_pass():
     import doctest
 

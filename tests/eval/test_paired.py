@@ -26,7 +26,9 @@ from rch.eval.paired import (
     pooled_dofs,
     pooled_effect,
     power_table,
+    prespecified_test,
     seeds_for_power,
+    student_t_cdf,
     student_t_critical,
     summarize_paired,
     variant_f_test,
@@ -152,6 +154,77 @@ def test_student_t_critical_tends_to_the_normal_and_refuses_bad_arguments():
     for level in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="level must lie in"):
             student_t_critical(4, level)
+
+
+def _t_cdf_by_simpson(t: float, df: int, steps: int = 20_000) -> float:
+    """P(T <= t) as 1/2 plus the integral of Student's density from 0 to t (Simpson)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    density = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = t / steps
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+    return 0.5 + h / 3 * (density(0.0) + inner + density(t))
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.floats(-8.0, 8.0), df=st.integers(1, 120))
+def test_student_t_cdf_equals_the_integrated_density(t: float, df: int):
+    assert student_t_cdf(t, df) == pytest.approx(_t_cdf_by_simpson(t, df), abs=1e-9)
+    assert student_t_cdf(-t, df) == pytest.approx(1.0 - student_t_cdf(t, df), abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(df=st.integers(1, 200), level=st.floats(0.05, 0.999))
+def test_student_t_cdf_inverts_the_critical_value(df: int, level: float):
+    assert student_t_cdf(student_t_critical(df, level), df) == pytest.approx((1 + level) / 2)
+
+
+def test_student_t_cdf_limits_and_bad_arguments():
+    assert student_t_cdf(math.inf, 3) == 1.0 and student_t_cdf(-math.inf, 3) == 0.0
+    assert student_t_cdf(0.0, 5) == 0.5
+    with pytest.raises(ValueError, match="df must be a positive integer"):
+        student_t_cdf(1.0, 0)
+    with pytest.raises(ValueError, match="t is NaN"):
+        student_t_cdf(math.nan, 3)
+
+
+def test_prespecified_test_reproduces_the_two_camvid_tests_on_record():
+    """The numbers RESULTS.md wrote by hand for the lambda 0.3 and FN-margin tests."""
+    lam = prespecified_test([0.82, -0.04], sd=0.82, df=49, planned=2, alternative="less")
+    assert round(lam["bound"], 2) == -0.97 and round(lam["t"], 2) == 0.67
+    assert round(lam["p"], 2) == 0.75 and lam["confirmed"] is False and lam["decided"]
+    fn = prespecified_test([1.40, -1.96, -0.46, 0.01, 0.83], 0.83, 53, 5, "less")
+    assert round(fn["bound"], 2) == -0.62 and round(fn["t"], 2) == -0.10
+    assert round(fn["se"], 2) == 0.37 and fn["confirmed"] is False
+    gain = prespecified_test([1.0] * 5, sd=0.85, df=56, planned=5, alternative="greater")
+    assert round(gain["bound"], 2) == 0.64 and gain["confirmed"] is True  # as fixed in RESULTS
+    assert gain["p"] == pytest.approx(1.0 - student_t_cdf(1.0 / (0.85 / math.sqrt(5)), 56))
+
+
+def test_prespecified_test_waits_for_its_planned_pairs():
+    part = prespecified_test([2.0, 3.0], sd=1.0, df=10, planned=5, alternative="greater")
+    assert (part["n"], part["decided"], part["confirmed"]) == (2, False, None)
+    assert part["mean"] == 2.5 and math.isnan(part["t"]) and math.isnan(part["p"])
+    assert part["bound"] == pytest.approx(student_t_critical(10, 0.90) / math.sqrt(5))
+    none = prespecified_test([], sd=1.0, df=10, planned=5, alternative="less")
+    assert none["n"] == 0 and math.isnan(none["mean"]) and none["bound"] < 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alternative": "two-sided"}, "alternative must be"),
+        ({"sd": 0.0}, "sd must be positive"),
+        ({"sd": math.nan}, "sd must be positive"),
+        ({"planned": 1}, "planned must be an integer >= the 2 pairs"),
+        ({"diffs": [1.0, math.nan]}, "a paired difference is NaN"),
+    ],
+)
+def test_prespecified_test_refuses_bad_arguments(kwargs: dict[str, Any], message: str):
+    args: dict[str, Any] = {
+        "diffs": [1.0, 2.0], "sd": 1.0, "df": 10, "planned": 3, "alternative": "greater"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        prespecified_test(**{**args, **kwargs})
 
 
 def _normal_cdf(x: float) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -41,7 +41,9 @@ __all__ = [
     "pooled_dofs",
     "pooled_effect",
     "power_table",
+    "prespecified_test",
     "seeds_for_power",
+    "student_t_cdf",
     "student_t_critical",
     "summarize_paired",
     "variant_f_test",
@@ -105,6 +107,85 @@ def student_t_critical(df: int, level: float = 0.95) -> float:
         if hi - lo <= 1e-12 * hi:
             break
     return (lo + hi) / 2
+
+
+def student_t_cdf(t: float, df: int) -> float:
+    """``P(T <= t)`` for Student's t with ``df`` (a positive integer) degrees of freedom,
+    from the regularized incomplete beta function (no statistics package needed).
+
+    Example:
+        >>> round(student_t_cdf(2.776, 4), 4), round(student_t_cdf(-1.0, 1), 4)
+        (0.975, 0.25)
+    """
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+    if math.isnan(t):
+        raise ValueError("t is NaN")
+    tail = 0.5 * _regularized_beta(df / 2, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
+    return 1.0 - tail if t > 0 else tail
+
+
+def prespecified_test(
+    diffs: Sequence[float],
+    sd: float,
+    df: int,
+    planned: int,
+    alternative: Literal["greater", "less"],
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """A one-sided t test of a mean paired difference, with its SD, degrees of freedom and
+    number of pairs fixed before the runs (a test written down first, so that the runs that
+    raised a claim do not also confirm it).
+
+    The statistic is ``mean / (sd / sqrt(n))`` on ``df`` degrees of freedom (``sd`` is an
+    earlier pooled estimate, not the pairs' own spread); the claim is confirmed when the
+    mean lies beyond ``bound`` = the one-sided ``level`` critical value times that SE, on
+    the side ``alternative`` names. The decision is made on the ``planned`` pairs and no
+    fewer: with fewer, ``decided`` is False, ``confirmed`` None, and ``t`` and ``p`` are
+    left out (NaN); the mean so far is description.
+
+    Returns: ``n``, ``planned``, ``mean``, ``se``, ``t``, ``p`` (one-sided), ``bound``,
+    ``decided``, ``confirmed``.
+
+    Raises:
+        ValueError: ``sd`` not positive and finite, ``planned`` below 1 or below the
+            number of pairs given, an unknown ``alternative``, a NaN difference.
+
+    Example:
+        >>> r = prespecified_test([1.40, -1.96, -0.46, 0.01, 0.83], 0.83, 53, 5, "less")
+        >>> round(r["mean"], 3), round(r["bound"], 3), round(r["p"], 2), r["confirmed"]
+        (-0.036, -0.621, 0.46, False)
+    """
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
+    if not (math.isfinite(sd) and sd > 0):
+        raise ValueError(f"sd must be positive and finite, got {sd!r}")
+    if isinstance(planned, bool) or not isinstance(planned, int) or planned < max(1, len(diffs)):
+        raise ValueError(
+            f"planned must be an integer >= the {len(diffs)} pairs given, got {planned!r}"
+        )
+    if any(math.isnan(d) for d in diffs):
+        raise ValueError("a paired difference is NaN")
+    n = len(diffs)
+    sign = 1.0 if alternative == "greater" else -1.0
+    bound = sign * student_t_critical(df, 1.0 - 2.0 * (1.0 - level)) * sd / math.sqrt(planned)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    decided = n == planned
+    t = p = math.nan
+    if decided:
+        t = mean / (sd / math.sqrt(n))
+        p = 1.0 - student_t_cdf(t, df) if alternative == "greater" else student_t_cdf(t, df)
+    return {
+        "n": n,
+        "planned": planned,
+        "mean": mean,
+        "se": sd / math.sqrt(planned),
+        "t": t,
+        "p": p,
+        "bound": bound,
+        "decided": decided,
+        "confirmed": (sign * mean > sign * bound) if decided else None,
+    }
 
 
 def paired_power(
