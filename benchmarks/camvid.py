@@ -212,10 +212,16 @@ def draw_figures(
 
 def f_tests(present: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
     """Do the variants differ at all (:func:`rch.eval.paired.variant_f_test`): the Table 1
-    rows among themselves, and every variant with the baseline; where testable."""
+    rows among themselves, with the baseline and the reference formulation, and every
+    variant with the baseline; where testable."""
     tests = {}
+    table1 = [r for r in TABLE1_ROWS if present.get(r)]
     for label, names in (
-        ("Table 1 rows", [r for r in TABLE1_ROWS if present.get(r)]),
+        ("Table 1 rows", table1),
+        (
+            "Table 1 rows, the baseline and the reference formulation",
+            [n for n in ("baseline", "official") if present.get(n)] + table1,
+        ),
         ("every variant and the baseline", list(present)),
     ):
         try:
@@ -225,7 +231,12 @@ def f_tests(present: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
             continue
         if test is not None:
             tests[label] = test
-    return tests
+    found = list(tests.items())  # a test of the same variants as a later one is left out
+    return {
+        label: test
+        for i, (label, test) in enumerate(found)
+        if not any(set(test["variants"]) == set(later["variants"]) for _, later in found[i + 1 :])
+    }
 
 
 def analyse(present: Runs) -> dict[str, Any]:

@@ -307,6 +307,75 @@ def classes(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     return _table(header, rows)
 
 
+def ftests(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """Do the variants differ at all (:func:`rch.eval.paired.variant_f_test`, as
+    ``camvid.py`` computes it): each test's variants, runs, F and p."""
+    _no_args("ftests", args)
+    rows = []
+    for label, t in (data.get("f_tests") or {}).items():
+        names = t["variants"]
+        shown = ", ".join(f"`{n}`" for n in names) if len(names) <= 8 else f"all {len(names)}"
+        rows.append(
+            [
+                label,
+                shown,
+                str(t["runs"]),
+                f"{t['f']:.2f} on ({t['df1']}, {t['df2']})",
+                f"{t['p']:.3f}",
+            ]
+        )
+    return _table(["test", "variants", "runs", "F (df)", "p"], rows)
+
+
+def pooled(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """Every RCH run together (:func:`rch.eval.paired.pooled_effect`): per seed, the RCH
+    runs' mean minus that seed's baseline run, their mean with its SE and 95 % t interval
+    over the seeds; then the unpaired Welch comparison of all runs."""
+    _no_args("pooled", args)
+    e = data.get("pooled")
+    if not e:
+        raise ReportError("pooled: the results file has no pooled effect")
+    seeds = list(e["seed_diff"])
+    runs = {s: sum(1 for v, r in data["runs"].items() if v != "baseline" and s in r) for s in seeds}
+    header = ["", *(f"seed {s} ({runs[s]} runs)" for s in seeds), "mean", "SE", "95 % interval"]
+    by_seed = [
+        "all RCH runs on the baseline's seeds, minus the baseline, by seed",
+        *(signed(e["seed_diff"][s]) for s in seeds),
+        f"**{signed(e['seed_diff_mean'])}**",
+        plain(e["seed_diff_se"]),
+        interval(e["seed_diff_ci"]),
+    ]
+    welch = [
+        f"all {e['runs']} RCH runs ({e['variants']} variants) against the {e['baseline_runs']}"
+        f" baseline runs, unpaired: {plain(e['mean'])} against {plain(e['baseline_mean'])}",
+        *([""] * len(seeds)),
+        signed(e["diff"]),
+        f"{plain(e['se'])} (Welch, {e['df']:.1f} df)",
+        "",
+    ]
+    return _table(header, [by_seed, welch])
+
+
+def power(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
+    """How likely the paired test tells a true effect from zero
+    (:func:`rch.eval.paired.power_table`), on the pooled SD, by number of seeds."""
+    _no_args("power", args)
+    t = data.get("power")
+    if not t or not t["rows"]:
+        raise ReportError("power: the results file has no power table")
+    counts = t["rows"][0]["seeds"]
+    target = f"seeds for {100 * t['target']:g} %"
+    rows = [
+        [
+            signed(r["effect"]),
+            *(f"{p:.2f}" for p in r["power"]),
+            "> 1e6" if r["seeds_needed"] is None else str(r["seeds_needed"]),
+        ]
+        for r in t["rows"]
+    ]
+    return _table(["true effect", *(f"{n} seeds" for n in counts), target], rows)
+
+
 def pairs(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     """Two variants seed by seed: each one's mIoU and ``A`` minus ``B``, then their means
     (over the listed seeds, or every seed both ran)."""
@@ -397,6 +466,9 @@ BLOCKS: dict[str, Callable[[dict[str, Any], Sequence[str]], list[str]]] = {
     "grid": grid,
     "variants": variants,
     "classes": classes,
+    "ftests": ftests,
+    "pooled": pooled,
+    "power": power,
     "pairs": pairs,
     "test": test,
 }

@@ -695,6 +695,34 @@ def test_camvid_report_test_block_names_bad_arguments(spec: str, message: str):
         report.render(_report_data(), spec)
 
 
+def test_camvid_report_ftests_pooled_and_power_blocks_quote_the_results_file():
+    report = _bench_module("camvid_report")
+    data = _report_data()
+    ftests = [r.strip("| ").split(" | ") for r in report.render(data, "ftests")[2:]]
+    assert [r[0] for r in ftests] == [
+        "Table 1 rows",
+        "Table 1 rows, the baseline and the reference formulation",
+        "every variant and the baseline",
+    ]
+    assert ftests[0][1:3] == ["`tp+fn`, `tp+fp`, `paper`", "9"]
+    t = data["f_tests"]["every variant and the baseline"]
+    assert ftests[2][3:] == [f"{t['f']:.2f} on ({t['df1']}, {t['df2']})", f"{t['p']:.3f}"]
+    pooled = report.render(data, "pooled")
+    assert pooled[0].split(" | ")[1:4] == ["seed 0 (5 runs)", "seed 1 (5 runs)", "seed 2 (3 runs)"]
+    e = data["pooled"]
+    by_seed = pooled[2].split(" | ")
+    assert by_seed[1:5] == [f"{e['seed_diff'][s]:+.2f}" for s in "012"] + [
+        f"**{e['seed_diff_mean']:+.2f}**"
+    ]
+    assert f"all {e['runs']} RCH runs (5 variants) against the 3 baseline runs" in pooled[3]
+    power = report.render(data, "power")
+    assert power[0] == "| true effect | 3 seeds | 5 seeds | 10 seeds | seeds for 80 % |"
+    assert [r.split(" | ")[0] for r in power[2:]] == ["| +1.00", "| +0.50"]
+    del data["pooled"]
+    with pytest.raises(report.ReportError, match="no pooled effect"):
+        report.render(data, "pooled")
+
+
 def test_camvid_report_doctests_pass():
     import doctest
 
