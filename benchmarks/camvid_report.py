@@ -8,16 +8,23 @@ runs::
     (generated; edits here are overwritten)
     <!-- /camvid-report -->
 
-Blocks: ``table1`` (the paper's Table 1 rows, paired by seed), ``grid`` (the tau / rho /
-lambda points, the defaults first), ``variants`` (every variant: its settings, runs, mIoU,
-paired differences and the variant + seed fit), ``classes [VARIANT ...]`` (per-class IoU
-deltas to the baseline, the rare classes first; ``paper``, ``official`` and the Table 1
-rows when none is named), ``pairs A B [SEEDS]`` (two variants seed by seed, ``A`` minus
-``B``; SEEDS such as ``5-9`` or ``0,2``; every seed both ran when omitted) and ``test A B
-SEEDS sd=S df=N alternative=greater|less [level=0.95]`` (a test fixed before its runs, on
-the mean of ``A`` minus ``B`` over SEEDS: :func:`rch.eval.paired.prespecified_test`; its
-outcome once every seed has both runs). A marker may
-be indented (inside a list item): the block takes its indentation.
+Blocks:
+
+- ``table1``: the paper's Table 1 rows against the baseline, paired by seed;
+- ``grid``: the tau / rho / lambda points, the defaults first;
+- ``variants``: every variant, its settings, runs, mIoU, paired differences and the
+  variant + seed fit;
+- ``classes [VARIANT ...]``: per-class IoU deltas to the baseline, the rare classes first
+  (``paper``, ``official`` and the Table 1 rows when none is named);
+- ``ftests``, ``pooled``, ``power``: do the variants differ at all, every RCH run together,
+  and how small an effect the protocol resolves;
+- ``pairs A B [SEEDS]``: two variants seed by seed, ``A`` minus ``B`` (SEEDS such as
+  ``5-9`` or ``0,2``; every seed both ran when omitted);
+- ``test A B SEEDS sd=S df=N alternative=greater|less [level=0.95]``: a test fixed before
+  its runs, on the mean of ``A`` minus ``B`` over SEEDS
+  (:func:`rch.eval.paired.prespecified_test`), with its outcome once every seed has both.
+
+A marker may be indented (inside a list item): the block takes its indentation.
 
 Run: ``python benchmarks/camvid_report.py [--results benchmarks/results/camvid.json]
 [--update benchmarks/RESULTS.md ...] [--check]``. Without ``--update`` it prints every
@@ -101,10 +108,14 @@ def parse_seeds(text: str) -> list[int]:
     try:
         if "-" in text:
             lo, hi = (int(t) for t in text.split("-"))
-            return list(range(lo, hi + 1))
-        return [int(t) for t in text.split(",")]
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(t) for t in text.split(",")]
     except ValueError:
-        raise ReportError(f"seeds {text!r}: write them as 5-9 or 0,2,3") from None
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ReportError(f"seeds {text!r}: write them as 5-9 or 0,2,3")
+    return seeds
 
 
 def settings(data: dict[str, Any], name: str) -> list[str]:

@@ -759,6 +759,8 @@ def test_camvid_report_rewrites_only_inside_its_markers():
         ("<!-- camvid-report:table1 x -->\n<!-- /camvid-report -->", "table1 takes no arguments"),
         ("<!-- camvid-report:pairs tp+fn nope -->\n<!-- /camvid-report -->", "variant 'nope'"),
         ("<!-- camvid-report:pairs tp+fn tp+fp 5..9 -->\n<!-- /camvid-report -->", "seeds '5..9'"),
+        ("<!-- camvid-report:pairs tp+fn tp+fp 9-5 -->\n<!-- /camvid-report -->", "seeds '9-5'"),
+        ("<!-- camvid-report:pairs tp+fn tp+fp 1,1 -->\n<!-- /camvid-report -->", "seeds '1,1'"),
         (
             "<!-- camvid-report:grid -->\n<!-- camvid-report:grid -->\n<!-- /camvid-report -->",
             "text:1: block 'grid' has no end marker",
