@@ -121,7 +121,13 @@ def student_t_cdf(t: float, df: int) -> float:
         raise ValueError(f"df must be a positive integer, got {df!r}")
     if math.isnan(t):
         raise ValueError("t is NaN")
-    tail = 0.5 * _regularized_beta(df / 2, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
+    if not math.isfinite(t):
+        return 1.0 if t > 0 else 0.0
+    # P(|T| > |t|) = I_x(df / 2, 1 / 2) with x = df / (df + t^2) = 1 - I_y(1 / 2, df / 2) with
+    # y = t^2 / (df + t^2): near t = 0, x rounds to 1, so take the side whose argument is small
+    x, y = df / (df + t * t), t * t / (df + t * t)
+    both = _regularized_beta(df / 2, 0.5, x) if x < y else 1.0 - _regularized_beta(0.5, df / 2, y)
+    tail = 0.5 * both
     return 1.0 - tail if t > 0 else tail
 
 
@@ -148,8 +154,9 @@ def prespecified_test(
     ``decided``, ``confirmed``.
 
     Raises:
-        ValueError: ``sd`` not positive and finite, ``planned`` below 1 or below the
-            number of pairs given, an unknown ``alternative``, a NaN difference.
+        ValueError: ``sd`` not positive and finite, ``level`` outside (0.5, 1), ``planned``
+            below 1 or below the number of pairs given, an unknown ``alternative``, a NaN
+            difference, ``df`` not a positive integer.
 
     Example:
         >>> r = prespecified_test([1.40, -1.96, -0.46, 0.01, 0.83], 0.83, 53, 5, "less")
@@ -160,6 +167,8 @@ def prespecified_test(
         raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
     if not (math.isfinite(sd) and sd > 0):
         raise ValueError(f"sd must be positive and finite, got {sd!r}")
+    if not 0.5 < level < 1.0:
+        raise ValueError(f"level must lie in (0.5, 1) for a one-sided test, got {level!r}")
     if isinstance(planned, bool) or not isinstance(planned, int) or planned < max(1, len(diffs)):
         raise ValueError(
             f"planned must be an integer >= the {len(diffs)} pairs given, got {planned!r}"
