@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,8 @@ def pairwise_paper(emb: Tensor, logits: Tensor, labels: Tensor, protos: Tensor) 
     target = sets.label.clamp_max(k - 1)
     p_true = flatten_pixels(logits.softmax(1)).gather(1, target[:, None])[:, 0]
     n = h * w
-    phi, psi = [], []
+    phi: list[Tensor] = []
+    psi: list[Tensor] = []
     for i in range(b):
         part = slice(i * n, (i + 1) * n)
         cos = units[part] @ units[part].T  # (n, n)
@@ -138,15 +140,15 @@ def pairwise_paper(emb: Tensor, logits: Tensor, labels: Tensor, protos: Tensor) 
     return losses[0] + losses[1]
 
 
-def _paper(emb, logits, labels, protos):
+def _paper(emb: Tensor, logits: Tensor, labels: Tensor, protos: Tensor) -> Tensor:
     return rch_loss(emb, logits, labels, protos, tau=TAU).loss
 
 
-def _official(emb, logits, labels, protos):
+def _official(emb: Tensor, logits: Tensor, labels: Tensor, protos: Tensor) -> Tensor:
     return rch_loss(emb, logits, labels, protos, tau=TAU, formulation="official").loss
 
 
-def _plain_ce(emb, logits, labels, protos):
+def _plain_ce(emb: Tensor, logits: Tensor, labels: Tensor, protos: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels, ignore_index=255)
 
 
@@ -188,14 +190,14 @@ def run_once(name: str, inputs: list[Tensor], device: str) -> tuple[float, float
 
 
 def measure(
-    cfg: dict,
+    cfg: dict[str, Any],
     methods: list[str],
     reps: int,
     warmup: int,
     device: str,
     accuracy: float,
     pairwise_reps: int,
-) -> dict:
+) -> dict[str, Any]:
     inputs = make_inputs(cfg["B"], cfg["K"], cfg["D"], cfg["h"], cfg["w"], accuracy, device)
     times: dict[str, list[float]] = {m: [] for m in methods}
     mems: dict[str, list[float]] = {m: [] for m in methods}
@@ -217,11 +219,11 @@ def measure(
     }
 
 
-def _key(cfg: dict) -> str:
+def _key(cfg: dict[str, Any]) -> str:
     return f"{cfg['B']}-{cfg['K']}-{cfg['D']}-{cfg['h']}x{cfg['w']}"
 
 
-def _configs(args: argparse.Namespace) -> list[dict]:
+def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [
         {"B": b, "K": k, "D": d, "h": int(m.split("x")[0]), "w": int(m.split("x")[1])}
         for m, b, k, d in itertools.product(args.maps, args.batch, args.classes, args.dim)
@@ -241,7 +243,7 @@ def _memory_phase(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_memory(cli: list[str]) -> dict:
+def _cpu_memory(cli: list[str]) -> dict[str, Any]:
     """Run the memory phase in a child whose allocator returns freed buffers at once."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory.json"
@@ -249,12 +251,12 @@ def _cpu_memory(cli: list[str]) -> dict:
         subprocess.run(
             [sys.executable, __file__, *cli, "--memory-phase", str(out)], env=env, check=True
         )
-        result: dict = json.loads(out.read_text())
+        result: dict[str, Any] = json.loads(out.read_text())
     return result
 
 
-def pairwise_fits(cfg: dict, limit_pixels: int) -> bool:
-    return cfg["h"] * cfg["w"] <= limit_pixels
+def pairwise_fits(cfg: dict[str, Any], limit_pixels: int) -> bool:
+    return bool(cfg["h"] * cfg["w"] <= limit_pixels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(
             cfg, methods, args.reps, args.warmup, args.device, args.accuracy, args.pairwise_reps
         )
-        for m in methods if memory is not None else ():
-            res[m]["peak_mib"] = memory[_key(cfg)][m]
+        if memory is not None:
+            for m in methods:
+                res[m]["peak_mib"] = memory[_key(cfg)][m]
         ratio_t = res["paper"]["time_s"] / res["bound"]["time_s"]
         ratio_m = res["paper"]["peak_mib"] / max(res["bound"]["peak_mib"], 1e-9)
         # the two run back to back in every repetition: the median of the per-repetition

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_meta, write_results
 from rch import _fused, stats
 from rch.functional import rch_loss
+from rch.loss import Formulation
 
 ONE_BLOCK = 1 << 62
 """A block budget larger than any batch: all pixels in one block."""
@@ -66,7 +67,9 @@ BACKWARD = "rch-loss-backward"
 """The profiler's label of the backward pass: the forward's peak is the peak before it."""
 
 
-def step_peak(inputs: tuple[torch.Tensor, ...], formulation: str) -> tuple[float, float, float]:
+def step_peak(
+    inputs: tuple[torch.Tensor, ...], formulation: Formulation
+) -> tuple[float, float, float]:
     """(peak, forward's peak, held after) MiB of tensor bytes above the start of one
     forward+backward; the forward's peak is the one before the backward pass starts."""
     emb, logits, labels, protos = inputs
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'formulation':<12} {'path':<22} {'peak MiB':>9} {'x embedding':>12} {'forward MiB':>12}"
     )
     rows = []
-    for formulation in args.formulations:
+    formulations: list[Formulation] = args.formulations  # argparse's choices
+    for formulation in formulations:
         for name, budget in paths:
             with contextlib.nullcontext() if budget is None else gpu_path(budget):
                 peak, forward, held = step_peak(inputs, formulation)

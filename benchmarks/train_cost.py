@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,7 +39,7 @@ from _common import run_meta, write_results
 from loss_cost import _kib
 from rch import export
 from rch.models import split_outputs
-from rch.train import build_network, config_from_dict
+from rch.train import Config, build_network, config_from_dict
 from rch.train.trainer import Network, step_losses
 
 NETWORKS = ("deeplabv3_resnet50", "hrnet_w18_ocr", "segformer_b0")
@@ -47,7 +48,7 @@ CLASSES = 19
 
 def make_config(
     name: str, enabled: bool, crop: list[int], amp: str, validate: bool = True
-) -> object:
+) -> Config:
     return config_from_dict(
         {
             "model": {"name": name},
@@ -60,7 +61,7 @@ def make_config(
 
 def build(
     name: str, enabled: bool, crop: list[int], amp: str, device: str, validate: bool = True
-) -> tuple:
+) -> tuple[Config, Network, torch.optim.Optimizer]:
     torch.manual_seed(0)
     cfg = make_config(name, enabled, crop, amp, validate)
     net = build_network(cfg, CLASSES)
@@ -82,7 +83,15 @@ def batch(args: argparse.Namespace, device: str) -> tuple[torch.Tensor, torch.Te
     return x.to(device), y.to(device)
 
 
-def step(cfg, net: Network, opt, x, y, amp_dtype, device: str) -> float:
+def step(
+    cfg: Config,
+    net: Network,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp_dtype: torch.dtype | None,
+    device: str,
+) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -99,7 +108,7 @@ def amp_dtype(amp: str) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def time_network(name: str, args: argparse.Namespace) -> dict:
+def time_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     variants = {
         v: build(name, v == "rch", args.crop, args.amp, device, not args.no_validate)
@@ -146,7 +155,7 @@ def memory(name: str, variant: str, cli: list[str]) -> dict[str, float]:
         return dict(json.loads(out.read_text()))
 
 
-def inference_check(name: str, args: argparse.Namespace) -> dict:
+def inference_check(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Exported RCH model vs the baseline architecture: parameters, FLOPs, outputs."""
     _, base_net, _ = build(name, False, args.crop, "none", "cpu")
     _, rch_net, _ = build(name, True, args.crop, "none", "cpu")

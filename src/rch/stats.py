@@ -242,17 +242,17 @@ def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> tuple[Tenso
     return F.embedding_bag(order, values, starts, mode="sum"), counts
 
 
-SORTED_SUMS_ON = ("cpu",)
+SORTED_SUMS_ON: tuple[str, ...] = ("cpu",)
 """Device types where :func:`segment_sum` sorts the rows by bin (``embedding_bag``); elsewhere
 it scatters them (``index_add``), which needs no host synchronisation."""
 
 
-COMPACT_ON = ("cpu",)
+COMPACT_ON: tuple[str, ...] = ("cpu",)
 """Device types where a pass over the misclassified pixels first gathers their indices
 (``nonzero``, a host synchronisation on a GPU); elsewhere it runs over all pixels and
 indexes the others to a spare bin."""
 
-BINCOUNT_ON = ("cpu",)
+BINCOUNT_ON: tuple[str, ...] = ("cpu",)
 """Device types where :func:`count_bins` calls ``torch.bincount``."""
 
 
