@@ -216,14 +216,17 @@ def f_tests(present: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
     variant with the baseline; where testable."""
     tests = {}
     table1 = [r for r in TABLE1_ROWS if present.get(r)]
-    for label, names in (
+    candidates = [
         ("Table 1 rows", table1),
         (
             "Table 1 rows, the baseline and the reference formulation",
             [n for n in ("baseline", "official") if present.get(n)] + table1,
         ),
         ("every variant and the baseline", list(present)),
-    ):
+    ]
+    for i, (label, names) in enumerate(candidates):
+        if any(set(names) == set(later) for _, later in candidates[i + 1 :]):
+            continue  # the same variants as a later, wider test
         try:
             test = variant_f_test(present, names)
         except ValueError as err:  # some variant shares no seed with the rest
@@ -231,12 +234,7 @@ def f_tests(present: dict[str, dict[int, Any]]) -> dict[str, dict[str, Any]]:
             continue
         if test is not None:
             tests[label] = test
-    found = list(tests.items())  # a test of the same variants as a later one is left out
-    return {
-        label: test
-        for i, (label, test) in enumerate(found)
-        if not any(set(test["variants"]) == set(later["variants"]) for _, later in found[i + 1 :])
-    }
+    return tests
 
 
 def analyse(present: Runs) -> dict[str, Any]:

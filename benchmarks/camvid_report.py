@@ -47,7 +47,7 @@ from rch.eval.paired import marked_first, prespecified_test
 from rch.train.ablate import GRID, GRID_DEFAULTS, TABLE1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from camvid import RARE
+from camvid import ABLATION_ROWS, RARE, TABLE1_ROWS
 
 BASE_SETTINGS = ("rch.formulation=paper",)
 """Settings every RCH variant has unless it names another (the paper formulation)."""
@@ -152,6 +152,18 @@ def _fit_cell(data: dict[str, Any], name: str) -> str:
     return f"{signed(effects[name]['effect'])} ({interval(effects[name]['ci'])})"
 
 
+def _paired_cells(data: dict[str, Any], name: str) -> list[str]:
+    """A paired row's last cells: the difference on each baseline seed, their mean, the
+    95 % interval on the pooled SE and the variant + seed fit."""
+    entry = data["summary"][name]
+    return [
+        *_per_seed_cells(data, name),
+        _mean_cell(entry),
+        interval(entry["diff_ci_pooled"]),
+        _fit_cell(data, name),
+    ]
+
+
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -182,22 +194,13 @@ def table1(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     is the ``paper`` variant."""
     _no_args("table1", args)
     rows = []
-    for row in [r for r in TABLE1 if r not in ("baseline", "full")] + ["paper"]:
+    for row in TABLE1_ROWS:
         entry = data["summary"].get(row)
         if entry is None or "paired_diff" not in entry:
             continue
         label = "full (`paper`)" if row == "paper" else f"`{row}`"
         traits = table1_traits(TABLE1["full" if row == "paper" else row])
-        rows.append(
-            [
-                label,
-                *traits,
-                *_per_seed_cells(data, row),
-                _mean_cell(entry),
-                interval(entry["diff_ci_pooled"]),
-                _fit_cell(data, row),
-            ]
-        )
+        rows.append([label, *traits, *_paired_cells(data, row)])
     header = ["row", "prototypes", "FN margin", "FP margin", *_seed_header(data)]
     return _table([*header, "mean", "95 % interval", "variant + seed fit"], rows)
 
@@ -243,16 +246,7 @@ def grid(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
         entry = data["summary"].get(name)
         if entry is None or "paired_diff" not in entry:
             continue
-        rows.append(
-            [
-                label,
-                f"`{name}`",
-                *_per_seed_cells(data, name),
-                _mean_cell(entry),
-                interval(entry["diff_ci_pooled"]),
-                _fit_cell(data, name),
-            ]
-        )
+        rows.append([label, f"`{name}`", *_paired_cells(data, name)])
     header = ["point", "variant", *_seed_header(data), "mean", "95 % interval"]
     return _table([*header, "variant + seed fit"], rows)
 
@@ -296,7 +290,7 @@ def classes(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     baseline's own mean IoU beside them; ``paper``, ``official`` and the Table 1 rows that
     have runs when ``args`` names no variant."""
     summary = data["summary"]
-    default = ["paper", "official", *(r for r in TABLE1 if r not in ("baseline", "full"))]
+    default = ["paper", "official", *ABLATION_ROWS]
     names = list(args) or [n for n in default if "class_delta" in summary.get(n, {})]
     for name in names:
         if "class_delta" not in summary.get(name, {}):
@@ -387,23 +381,37 @@ def power(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     return _table(["true effect", *(f"{n} seeds" for n in counts), target], rows)
 
 
+def _two_variants(
+    data: dict[str, Any], block: str, a: str, b: str, seeds: Sequence[int] | None
+) -> tuple[list[int], list[tuple[int, float | None, float | None]]]:
+    """The seeds (``seeds``, or every seed both ran) and each one's mIoU of ``a`` and ``b``
+    in points, None where that variant did not run it.
+
+    Raises:
+        ReportError: ``a`` or ``b`` has no runs, named with ``block``.
+    """
+    for name in (a, b):
+        if name not in data["runs"]:
+            raise ReportError(f"{block}: no runs of variant {name!r} in the results file")
+    ra, rb = data["runs"][a], data["runs"][b]
+    chosen = list(seeds) if seeds is not None else sorted(int(s) for s in ra if s in rb)
+
+    def miou(runs: dict[str, Any], seed: int) -> float | None:
+        return 100 * runs[str(seed)]["mIoU"] if str(seed) in runs else None
+
+    return chosen, [(s, miou(ra, s), miou(rb, s)) for s in chosen]
+
+
 def pairs(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
     """Two variants seed by seed: each one's mIoU and ``A`` minus ``B``, then their means
     (over the listed seeds, or every seed both ran)."""
     if len(args) not in (2, 3):
         raise ReportError(f"pairs takes two variants and optional seeds, not {list(args)}")
     a, b = args[0], args[1]
-    for name in (a, b):
-        if name not in data["runs"]:
-            raise ReportError(f"pairs: no runs of variant {name!r} in the results file")
-    ra, rb = data["runs"][a], data["runs"][b]
-    both = sorted(int(s) for s in ra if s in rb)
-    seeds = parse_seeds(args[2]) if len(args) == 3 else both
+    _, runs = _two_variants(data, "pairs", a, b, parse_seeds(args[2]) if len(args) == 3 else None)
     rows: list[list[str]] = []
     both_ran: list[tuple[float, float]] = []  # (A, B) on each listed seed both ran
-    for s in seeds:
-        ma = 100 * ra[str(s)]["mIoU"] if str(s) in ra else None
-        mb = 100 * rb[str(s)]["mIoU"] if str(s) in rb else None
+    for s, ma, mb in runs:
         d = None
         if ma is not None and mb is not None:
             both_ran.append((ma, mb))
@@ -431,16 +439,8 @@ def test(data: dict[str, Any], args: Sequence[str] = ()) -> list[str]:
             f"test takes A B SEEDS sd=S df=N alternative=greater|less [level=L], not {list(args)}"
         )
     a, b, seed_text = positional
-    for name in (a, b):
-        if name not in data["runs"]:
-            raise ReportError(f"test: no runs of variant {name!r} in the results file")
-    seeds = parse_seeds(seed_text)
-    ra, rb = data["runs"][a], data["runs"][b]
-    diffs = [
-        100 * (ra[str(s)]["mIoU"] - rb[str(s)]["mIoU"])
-        for s in seeds
-        if str(s) in ra and str(s) in rb
-    ]
+    seeds, runs = _two_variants(data, "test", a, b, parse_seeds(seed_text))
+    diffs = [ma - mb for _, ma, mb in runs if ma is not None and mb is not None]
     try:
         sd, df, level = float(options["sd"]), int(options["df"]), float(options.get("level", 0.95))
         r = prespecified_test(diffs, sd, df, len(seeds), SIDES[alternative], level)

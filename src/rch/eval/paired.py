@@ -74,6 +74,11 @@ def pooled_diff_sd(diffs: Collection[Collection[float]]) -> tuple[float, int]:
     return (math.sqrt(ss / df) if df else math.nan), df
 
 
+def _check_df(df: int) -> None:
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be a positive integer, got {df!r}")
+
+
 def student_t_critical(df: int, level: float = 0.95) -> float:
     """The two-sided critical value of Student's t with ``df`` (a positive integer)
     degrees of freedom: ``P(|T| <= t) = level``. The half-width of a ``level`` interval of
@@ -87,8 +92,7 @@ def student_t_critical(df: int, level: float = 0.95) -> float:
         >>> round(student_t_critical(1), 3), round(student_t_critical(4), 3)
         (12.706, 2.776)
     """
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be a positive integer, got {df!r}")
+    _check_df(df)
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
 
@@ -117,8 +121,7 @@ def student_t_cdf(t: float, df: int) -> float:
         >>> round(student_t_cdf(2.776, 4), 4), round(student_t_cdf(-1.0, 1), 4)
         (0.975, 0.25)
     """
-    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be a positive integer, got {df!r}")
+    _check_df(df)
     if math.isnan(t):
         raise ValueError("t is NaN")
     if not math.isfinite(t):
