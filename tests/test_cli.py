@@ -153,7 +153,7 @@ def test_import_rch_does_not_load_optional_stacks():
     code = (
         "import sys, rch\n"
         "bad = [m for m in ('matplotlib', 'timm', 'segmentation_models_pytorch', 'torchvision',"
-        " 'yaml', 'PIL') if m in sys.modules]\n"
+        " 'transformers', 'yaml', 'PIL') if m in sys.modules]\n"
         "print(bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""attach / export on torchvision, smp, timm and hand-written models."""
+"""attach / export on torchvision, smp, timm, Hugging Face transformers and hand-written models."""
 
 from __future__ import annotations
 
@@ -71,6 +71,31 @@ def _smp_segformer():
     return smp.Segformer("mit_b0", encoder_weights=None, classes=K)
 
 
+def _hf_segformer(hidden_states=False):
+    """A tiny Hugging Face SegFormer from its config (random init, nothing downloaded)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=K,
+        output_hidden_states=hidden_states,
+    )
+    return SegformerForSemanticSegmentation(config)
+
+
+def _hf_logits(out):
+    """A SemanticSegmenterOutput's logits (stride 4) at the labels' size."""
+    return F.interpolate(out.logits, size=(64, 64), mode="bilinear", align_corners=False)
+
+
 # (factory, layer, select, expected in_channels, output -> logits)
 MODELS = {
     "torchvision-deeplabv3": (_torchvision, "backbone", "out", 2048, lambda o: o["out"]),
@@ -80,6 +105,23 @@ MODELS = {
     "timm-encoder": (TimmSeg, "encoder", 1, 256, lambda o: o),
     "timm-submodule": (TimmSeg, "encoder.layer2", None, 128, lambda o: o),
     "hand-written": (HandWritten, "body", None, 16, lambda o: o),
+    # the decoder's fuse conv; the encoder's output, a ModelOutput, read by attribute or from
+    # its hidden states (the README's selector)
+    "hf-segformer-decoder": (_hf_segformer, "decode_head.linear_fuse", None, 16, _hf_logits),
+    "hf-segformer-encoder": (
+        _hf_segformer,
+        "segformer",
+        lambda o: o.last_hidden_state,
+        None,
+        _hf_logits,
+    ),
+    "hf-segformer-hidden-states": (
+        lambda: _hf_segformer(hidden_states=True),
+        "segformer",
+        lambda o: o.hidden_states[-1],
+        None,
+        _hf_logits,
+    ),
 }
 
 
@@ -90,12 +132,17 @@ def _batch(seed=0, size=64):
     )
 
 
+def _hook_counts(net: nn.Module) -> dict[str, int]:
+    return {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in net.named_modules()}
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_attach_train_step_and_export_to_exact_baseline(name):
     factory, layer, select, channels, logits_of = MODELS[name]
     torch.manual_seed(0)
     net = factory()
-    baseline_keys = list(factory().state_dict())
+    reference = factory()
+    baseline_keys = list(reference.state_dict())
     x, y = _batch()
     model = rch.attach(
         net,
@@ -127,7 +174,11 @@ def test_attach_train_step_and_export_to_exact_baseline(name):
     assert deployed is net
     assert list(deployed.state_dict()) == baseline_keys
     assert not any(isinstance(m, rch.RCHHead) for m in deployed.modules())
-    assert all(len(m._forward_hooks) == 0 for m in deployed.modules())
+    # the hooks a plain forward of the baseline leaves (none, but Hugging Face models install
+    # their own output-capturing hooks on the first forward pass), not one more
+    with torch.no_grad():
+        reference.eval()(x)
+    assert _hook_counts(deployed) == _hook_counts(reference)
     with torch.no_grad():
         assert torch.equal(logits_of(deployed(x)), attached)
 
