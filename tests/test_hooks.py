@@ -183,6 +183,43 @@ def test_attach_train_step_and_export_to_exact_baseline(name):
         assert torch.equal(logits_of(deployed(x)), attached)
 
 
+def _three_steps(model: RCHAttachment, run) -> list[float]:
+    """Three SGD steps of cross-entropy + RCH, the forward pass through ``run``."""
+    x, y = _batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        logits = run(x)
+        out = model.rch_loss(logits, y)
+        (F.cross_entropy(logits, y) + out.loss).backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses
+
+
+def test_torch_compile_trains_as_eager_and_exports():
+    """A compiled attachment (the hook traced by dynamo; aot_eager: no C++ compiler needed)
+    trains as the eager one does, and export strips RCH from inside the compiled wrapper."""
+    torch.manual_seed(0)
+    eager = rch.attach(HandWritten(), "body", num_classes=K, embed_dim=8)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(_three_steps(model, compiled), _three_steps(eager, eager))
+    for (name, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    torch.testing.assert_close(model.head.prototypes, eager.head.prototypes)
+    assert int(model.head.step) == 3
+
+    deployed = rch.export(compiled)
+    assert deployed is compiled and deployed._orig_mod is model.model
+    assert _hook_counts(deployed._orig_mod) == _hook_counts(HandWritten())
+    x, _ = _batch(1)
+    deployed.eval(), eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), eager.model(x))
+
+
 def test_attached_outputs_are_bitwise_the_models():
     torch.manual_seed(0)
     net = HandWritten().eval()
