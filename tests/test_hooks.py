@@ -220,6 +220,28 @@ def test_torch_compile_trains_as_eager_and_exports():
         torch.testing.assert_close(deployed(x), eager.model(x))
 
 
+def test_a_layer_inside_a_compiled_module_is_refused_with_the_fix():
+    """Compiled code does not run hooks added after it was traced: the feature would never
+    be captured. The compiled wrapper itself can be hooked (its call runs outside)."""
+    x, y = _batch()
+    net = torch.compile(HandWritten(), backend="aot_eager")
+    net(x)
+    for layer in ("body", "_orig_mod.body"):
+        with pytest.raises(
+            RCHError,
+            match=r"inside a torch.compile'd module \(the model itself\).*"
+            r"torch.compile\(rch.attach\(model",
+        ):
+            rch.attach(net, layer, num_classes=K)
+    inner = HandWritten()
+    inner.body = torch.compile(inner.body, backend="aot_eager")
+    with pytest.raises(RCHError, match=r"inside a torch.compile'd module \('body'\)"):
+        rch.attach(inner, "body._orig_mod.0", num_classes=K)
+    model = rch.attach(inner, "body", num_classes=K, in_channels=16, embed_dim=8)
+    logits = model(x)
+    assert torch.isfinite(model.rch_loss(logits, y).loss)
+
+
 def test_attached_outputs_are_bitwise_the_models():
     torch.manual_seed(0)
     net = HandWritten().eval()

@@ -8,6 +8,7 @@ both); :func:`export` strips the hook and returns exactly the baseline network.
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -238,7 +239,9 @@ def attach(
 
     Raises:
         KeyError: ``layer`` is not a submodule name (the message lists close names).
-        RCHError: ``model`` is already an attachment, or channels cannot be inferred.
+        RCHError: ``model`` is already an attachment, ``layer`` is inside a
+            ``torch.compile``'d module (compile the attachment instead), or channels cannot
+            be inferred.
 
     Example:
         >>> import torch
@@ -256,6 +259,7 @@ def attach(
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
     modules = dict(model.named_modules())
+    _check_not_compiled(modules, layer)
     if layer not in modules or layer == "":
         close = [n for n in modules if n and (layer in n or n in layer)][:10]
         raise KeyError(
@@ -284,6 +288,28 @@ def attach(
         if ref is not None:
             head = head.to(ref.device)
     return RCHAttachment(model, head, layer, select)
+
+
+def _check_not_compiled(modules: Mapping[str, nn.Module], layer: str) -> None:
+    """Refuse a layer inside a ``torch.compile``'d module (``modules``: the model's
+    ``named_modules``): compiled code does not run forward hooks added after it was traced,
+    so the feature would never be captured."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything compiles
+    compiled = getattr(eval_frame, "OptimizedModule", None)
+    if compiled is None:
+        return
+    parts = layer.split(".")
+    for depth in range(len(parts)):
+        outer = modules.get(".".join(parts[:depth]))
+        if outer is None:
+            return
+        if isinstance(outer, compiled):
+            where = repr(".".join(parts[:depth])) if depth else "the model itself"
+            raise RCHError(
+                f"layer {layer!r} is inside a torch.compile'd module ({where}): compiled code "
+                "does not run hooks added after it was traced. Attach RCH to the uncompiled "
+                "model and compile the attachment: torch.compile(rch.attach(model, ...))."
+            )
 
 
 def _channels_by_dry_run(
