@@ -215,7 +215,8 @@ def test_torch_compile_trains_as_eager_and_exports():
     assert deployed is compiled and deployed._orig_mod is model.model
     assert _hook_counts(deployed._orig_mod) == _hook_counts(HandWritten())
     x, _ = _batch(1)
-    deployed.eval(), eager.eval()
+    deployed.eval()
+    eager.eval()
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), eager.model(x))
 
