@@ -39,7 +39,8 @@ step cuda_tests 120 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovi
     tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py
 step gpu_memory 90 "$py" benchmarks/gpu_memory.py --validate-off --out "$out/gpu_memory.json"
 # DeepLabV3's baseline runs no matmul, so RCH's small ones bring in cuBLAS workspaces (2 x 32
-# MiB on an H200, 2.3 of its 4.5 points): how much of the gap is left with 4 MiB ones?
+# MiB on an H200, 2.3 of its 4.5 points; one since RCH's backward pass runs no BLAS on a
+# GPU, 2026-11-28): how much of the gap is left with 4 MiB ones?
 step gpu_memory_small_workspace 60 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
     "$py" benchmarks/gpu_memory.py --validate-off --networks deeplabv3_resnet50 \
     --out "$out/gpu_memory_small_workspace.json"

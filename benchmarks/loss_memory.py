@@ -2,7 +2,8 @@
 
 The loss takes a different path on a GPU than on a CPU: no host synchronisation (every row
 in the FN/FP passes instead of the compacted misclassified ones, scattered instead of
-sorted per-class sums, no ``bincount``) and larger row blocks (:data:`rch._fused
+sorted per-class sums, no ``bincount``), no BLAS in the backward pass
+(:data:`rch._fused.BLAS_IN_BACKWARD_ON`) and larger row blocks (:data:`rch._fused
 .DEVICE_CHUNK_BYTES`). The bytes each path allocates do not depend on the device, so this
 script measures both on the CPU: the peak of the bytes held by tensors during one step,
 above what was held before it, from the profiler's allocation events. It is the quantity
@@ -42,13 +43,15 @@ ONE_BLOCK = 1 << 62
 @contextlib.contextmanager
 def gpu_path(chunk_bytes: int) -> Iterator[None]:
     """The loss's device switches as on a GPU, with blocks of ``chunk_bytes``, on the CPU."""
-    saved = (stats.COMPACT_ON, stats.BINCOUNT_ON, stats.SORTED_SUMS_ON, _fused.CHUNK_BYTES)
+    saved = (stats.COMPACT_ON, stats.BINCOUNT_ON, stats.SORTED_SUMS_ON)
+    saved_fused = (_fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES)
     stats.COMPACT_ON = stats.BINCOUNT_ON = stats.SORTED_SUMS_ON = ()
-    _fused.CHUNK_BYTES = chunk_bytes
+    _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = (), chunk_bytes
     try:
         yield
     finally:
-        stats.COMPACT_ON, stats.BINCOUNT_ON, stats.SORTED_SUMS_ON, _fused.CHUNK_BYTES = saved
+        stats.COMPACT_ON, stats.BINCOUNT_ON, stats.SORTED_SUMS_ON = saved
+        _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = saved_fused
 
 
 def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:

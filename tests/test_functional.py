@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rch.functional import rch_loss
 
@@ -63,8 +64,9 @@ def test_paper_in_many_row_blocks_matches_naive_loop(monkeypatch, compact):
 
     monkeypatch.setattr(_fused, "CHUNK_BYTES", 1)  # the minimum: 64 rows per block
     monkeypatch.setattr(_fused, "DEVICE_CHUNK_BYTES", 1)
-    if not compact:
+    if not compact:  # and no BLAS in the backward pass, as on a GPU
         monkeypatch.setattr(stats, "COMPACT_ON", ())
+        monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
     c = make_case(seed=41, batch=2, dim=5, classes=4, size=(11, 13), label_size=(22, 26))
     out = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes)
     ref_fn, ref_fp, ref_mu = naive_paper(c.embeddings, c.seg_logits, c.labels, c.prototypes)
@@ -374,7 +376,7 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
     ``validate=False`` the loss's forward and backward make none (the GPU path: no
     compaction of the misclassified pixels, no bincount, scattered instead of sorted
     sums), and give the CPU path's numbers."""
-    from rch import stats
+    from rch import _fused, stats
 
     c = make_case(seed=31, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
     mask = (torch.rand(c.labels.shape) < 0.7).to(c.labels.device) if masked else None
@@ -385,6 +387,7 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
     monkeypatch.setattr(stats, "COMPACT_ON", ())
     monkeypatch.setattr(stats, "BINCOUNT_ON", ())
     monkeypatch.setattr(stats, "SORTED_SUMS_ON", ())
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
     with _HostReads() as spy:
         out = rch_loss(
             c.embeddings,
@@ -415,6 +418,64 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
             torch.cuda.set_sync_debug_mode("default")
 
 
+class _AtenOps(TorchDispatchMode):
+    """Records the name of every aten operator that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+BLAS_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "vdot", "matmul"})
+
+
+@pytest.mark.parametrize("update", [True, False])
+@pytest.mark.parametrize("terms", [(True, True), (False, True), (False, False)])
+def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
+    """On a GPU autograd runs the backward pass on a thread of its own, and a thread's first
+    cuBLAS call allocates a workspace that the process keeps (32 MiB), which a network
+    without matrix products (DeepLabV3) would hold for RCH alone. So there the loss's
+    backward runs no BLAS: the prototypes' products come from the forward pass and the
+    embeddings' is a bag of prototype rows. The gradients are the BLAS path's, for any
+    weights of the two terms, of the updated prototypes and of the prototypes given."""
+    from rch import _fused, stats
+
+    fn_term, fp_term = terms
+    c = make_case(seed=42, batch=2, dim=5, classes=4, size=(11, 13), absent=(1,))
+    probe = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def step() -> tuple[list[str], list[str], tuple[torch.Tensor, ...]]:
+        emb = c.embeddings.detach().clone().requires_grad_(True)
+        protos = c.prototypes.clone().requires_grad_(True)
+        with _AtenOps() as forward:
+            out = rch_loss(
+                emb, c.seg_logits, c.labels, protos, fn_term=fn_term, fp_term=fp_term,
+                update_prototypes=update,
+            )  # fmt: skip
+        total = 2.0 * out.loss_fn + 0.5 * out.loss_fp + (out.prototypes * probe.to(DEVICE)).sum()
+        with _AtenOps() as backward:
+            total.backward()
+        return forward.ops, backward.ops, (out.loss_fn, out.loss_fp, emb.grad, protos.grad)
+
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", (DEVICE.type,))
+    _, blas_backward, want = step()
+    assert BLAS_OPS & set(blas_backward)  # the spy sees the products where they are
+    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
+        monkeypatch.setattr(stats, name, ())
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    monkeypatch.setattr(_fused, "DEVICE_CHUNK_BYTES", 1)  # blocks of 64 rows: five of them
+    monkeypatch.setattr(_fused, "BAG_INDEX_BYTES", 8 * 4 * 10)  # bags of 10 rows
+    forward, backward, got = step()
+    assert not BLAS_OPS & set(backward), sorted(BLAS_OPS & set(backward))
+    assert "mm" in forward
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_validate_false_skips_only_the_value_checks():
     c = make_case(seed=32)
     logits = c.seg_logits.clone()
@@ -432,13 +493,14 @@ def test_the_value_checks_read_back_once(monkeypatch, formulation):
     """With ``validate=True`` (the default) the value checks of labels, logits, prototypes,
     a momentum tensor and embeddings are read back together: one host read per loss
     call, one synchronisation on a GPU, instead of one per check."""
-    from rch import stats
+    from rch import _fused, stats
 
     c = make_case(seed=33, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
     momentum = torch.full((4,), 0.9, dtype=torch.float64, device=c.prototypes.device)
     monkeypatch.setattr(stats, "COMPACT_ON", ())
     monkeypatch.setattr(stats, "BINCOUNT_ON", ())
     monkeypatch.setattr(stats, "SORTED_SUMS_ON", ())
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
     args = (c.embeddings, c.seg_logits, c.labels, c.prototypes)
     with _HostReads() as spy:
         out = rch_loss(*args, momentum=momentum, formulation=formulation)

@@ -243,12 +243,13 @@ def test_a_training_step_reads_back_at_most_once(monkeypatch, init, validate):
     """A training step's host reads (GPU synchronisations): with the value checks, one (the
     loss's checks together, the embeddings' included); without, none. A prototype
     momentum tensor (``prototype_init="first"``) adds none."""
-    from rch import stats
+    from rch import _fused, stats
 
     from .test_functional import _HostReads
 
     for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
         monkeypatch.setattr(stats, name, ())
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
     torch.manual_seed(0)
     head = RCHHead(6, 4, embed_dim=5, prototype_init=init, validate=validate).to(DEVICE)
     c = make_case(seed=35, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
@@ -258,3 +259,26 @@ def test_a_training_step_reads_back_at_most_once(monkeypatch, init, validate):
         out.loss.backward()
     assert spy.reads == (["__bool__"] if validate else [])
     assert features.grad is not None and torch.isfinite(out.loss)
+
+
+def test_the_heads_backward_runs_no_blas_on_the_gpu_path(monkeypatch):
+    """The head's whole backward pass (loss, projection, BN) calls no BLAS on the GPU path:
+    on a GPU it runs on autograd's own thread, where a first cuBLAS call would allocate a
+    workspace that the process keeps (see ``_fused.BLAS_IN_BACKWARD_ON``)."""
+    from rch import _fused, stats
+
+    from .test_functional import BLAS_OPS, _AtenOps
+
+    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
+        monkeypatch.setattr(stats, name, ())
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5).to(DEVICE)
+    c = make_case(seed=36, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
+    features = c.embeddings.detach().requires_grad_(True)
+    out = head(features, c.seg_logits, c.labels)
+    with _AtenOps() as spy:
+        out.loss.backward()
+    assert "convolution_backward" in spy.ops  # the spy sees the projection's backward
+    assert not BLAS_OPS & set(spy.ops)
+    assert features.grad is not None and head.projection[0].weight.grad is not None

@@ -63,6 +63,40 @@ the backward pass, where the RCH loss's backward runs (``benchmarks/loss_memory.
 measures the loss's own peak on each path)."""
 
 
+BLAS_IN_BACKWARD_ON: tuple[str, ...] = ("cpu",)
+"""Device types where the backward pass runs the two matrix products of the cosines'
+gradient (with the unit prototypes, and with the unit embeddings). Elsewhere (a GPU) the
+backward pass runs no BLAS: autograd runs it on a thread of its own, and a thread's first
+cuBLAS call allocates a workspace for that thread (32 MiB on an H200, torch 2.11), which the
+process keeps. In a network whose backward pass has no matrix product (DeepLabV3: only
+convolutions) RCH's products alone would bring it in. There the prototypes' product is made
+in the forward pass, once per cross-entropy term (each term's gradient is linear in its
+output's), and the embeddings' product as a weighted bag of the K prototype rows."""
+
+BAG_INDEX_BYTES = 1 << 21
+"""The bag of the K prototype rows per pixel reads an index of K entries per pixel: it runs
+over sub-blocks whose index stays within this many bytes."""
+
+
+def _term_grads(
+    scale: Tensor, exp_true: Tensor, total: Tensor, margin: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """One cross-entropy term's gradient in its logits, ``softmax(z) - onehot``, scaled per
+    pixel by ``scale``: ``(d_true, d_other)``, with ``d z_true = d_true`` and ``d z_j =
+    E_j d_other`` off the true class (``E`` the shifted exponentials of the logits)."""
+    shifted = exp_true if margin is None else exp_true * torch.exp(-margin)
+    return scale * (shifted / total - 1), scale / total
+
+
+def _cosine_grad(
+    exps: Tensor, target: Tensor, tau: float, d_true: Tensor, d_other: Tensor, out: Tensor
+) -> Tensor:
+    """``d cos`` of the terms' summed ``(d_true, d_other)`` (see :func:`_term_grads`),
+    written into ``out`` (``(N, K)``)."""
+    torch.mul(exps, (d_other / tau).unsqueeze(1), out=out)
+    return out.scatter_(1, target, (d_true / tau).unsqueeze(1))
+
+
 class _Blocks:
     """Row blocks of an ``(N, D)`` tensor and one cache-sized scratch buffer reused by all.
 
@@ -184,9 +218,11 @@ class _PaperLoss(torch.autograd.Function):
             blocks = _Blocks(units, len(names))  # scratch only where there is a gather
             for part in blocks.slices:
                 n = part.stop - part.start
-                gathered = blocks.gather(flat_table, anchor, part).view(n, len(names), -1)
                 # in place in the scratch block, then summed: no temporary of the products
+                gathered = blocks.gather(flat_table, anchor, part).view(n, len(names), -1)
                 torch.sum(gathered.mul_(units[part].unsqueeze(1)), 2, out=dots[part])
+                del gathered
+            del blocks  # its scratch block is not held through the rest of the pass
         margins: dict[str, Tensor | None] = {"fn": None, "fp": None}
         for j, name in enumerate(names):
             sign = -1.0 if name == "fn" else 1.0
@@ -213,6 +249,19 @@ class _PaperLoss(torch.autograd.Function):
                 nll = nll + margin
             losses.append(torch.where(valid, nll, 0.0).sum() / n_valid)
             totals.append(total)
+        products = torch.empty(0)
+        wanted = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # type: ignore[attr-defined]
+        if units.device.type not in BLAS_IN_BACKWARD_ON and wanted:
+            # the prototypes' product of each term, per unit of its output's gradient: here, on
+            # the thread that runs the network, not on the autograd engine's
+            scale = valid.to(units.dtype) / n_valid
+            products = units.new_empty(2, k, units.shape[1])
+            d_cos = torch.empty_like(exps)
+            for j, name in enumerate(("fn", "fp")):
+                terms = _term_grads(scale, exp_true, totals[j], margins[name])
+                _cosine_grad(exps, plan.target[:, None], plan.tau, *terms, out=d_cos)
+                torch.mm(d_cos.T, units, out=products[j])
+            del d_cos
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.names = names  # type: ignore[attr-defined]
         ctx.table = table  # type: ignore[attr-defined]
@@ -239,6 +288,7 @@ class _PaperLoss(torch.autograd.Function):
             present if present is not None else torch.empty(0),
             counts if counts is not None else torch.empty(0),
             n_valid,
+            products,
         )
         updated = present if present is not None else torch.zeros(k, dtype=torch.bool)
         ctx.mark_non_differentiable(updated)
@@ -265,22 +315,30 @@ class _PaperLoss(torch.autograd.Function):
             present,
             counts,
             n_valid,
+            products,
         ) = ctx.saved_tensors
         plan: PaperPlan = ctx.plan
-        target = plan.target[:, None]
         weight = plan.anchors.to(units.dtype) / n_valid
-        # d CE / d z = softmax(z) - onehot: off the true class E / total, on it q - 1
-        d_true = []
-        row_scale = torch.zeros_like(weight)
-        for g, total, margin in ((g_fn, total_fn, margin_fn), (g_fp, total_fp, margin_fp)):
-            c = weight * g
-            q = exp_true / total if margin.numel() == 0 else exp_true * torch.exp(-margin) / total
-            d_true.append(c * (q - 1))
-            row_scale += c / total
-        d_cos = exps * (row_scale / plan.tau).unsqueeze(1)
-        d_cos.scatter_(1, target, ((d_true[0] + d_true[1]) / plan.tau).unsqueeze(1))
-        d_units = d_cos @ proto_units
-        d_proto_units = d_cos.T @ units
+        terms = [
+            _term_grads(weight * g, exp_true, total, margin if margin.numel() else None)
+            for g, total, margin in ((g_fn, total_fn, margin_fn), (g_fp, total_fp, margin_fp))
+        ]
+        d_true = [term[0] for term in terms]
+        d_cos = _cosine_grad(
+            exps,
+            plan.target[:, None],
+            plan.tau,
+            d_true[0] + d_true[1],
+            terms[0][1] + terms[1][1],
+            out=torch.empty_like(exps),
+        )
+        bagged = products.numel() > 0  # no BLAS here: see BLAS_IN_BACKWARD_ON
+        if bagged:
+            d_proto_units = g_fn * products[0] + g_fp * products[1]
+            d_units = torch.empty_like(units)  # the prototypes' bag, block by block below
+        else:
+            d_units = d_cos @ proto_units
+            d_proto_units = d_cos.T @ units
         # the prototypes' gradient first: the pass below adds the gradient of the TP sums
         d_protos = _unit_backward_(d_proto_units, proto_units, proto_norms)
         d_protos = d_protos + g_protos
@@ -328,6 +386,8 @@ class _PaperLoss(torch.autograd.Function):
         ones = units.new_ones(blocks.size, 1)
         for part in blocks.slices:
             n = part.stop - part.start
+            if bagged:
+                _bag_prototypes(d_units[part], proto_units, d_cos[part])
             extra = None if centres is None else centres[2][part]
             du = _unit_backward_(d_units[part], units[part], norms[part], extra)
             if bag_rows is not None:
@@ -374,6 +434,23 @@ class _PaperLoss(torch.autograd.Function):
             # in the loss's dtype: autograd casts it to the embeddings' own (under AMP)
             d_embeddings = d_units.view(b, h, w, d).permute(0, 3, 1, 2)
         return d_embeddings, (d_prototypes if need_protos else None), None
+
+
+def _bag_prototypes(out: Tensor, proto_units: Tensor, d_cos: Tensor) -> None:
+    """``out = d_cos @ proto_units`` without BLAS: per row, the K prototype rows weighted by
+    that row's ``d cos`` (an ``embedding_bag``), in sub-blocks of :data:`BAG_INDEX_BYTES`."""
+    n, k = d_cos.shape
+    rows = max(1, BAG_INDEX_BYTES // (k * 8))
+    classes = torch.arange(k, device=d_cos.device).repeat(min(rows, n), 1)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        bag = F.embedding_bag(
+            classes[: stop - start],
+            proto_units,
+            mode="sum",
+            per_sample_weights=d_cos[start:stop],
+        )
+        out[start:stop] = bag
 
 
 def fused_paper_loss(

@@ -238,13 +238,14 @@ def test_rch_adds_one_host_read_to_a_step_with_checks_and_none_without(tmp_path,
     OHEM, losses, backward) of the baseline reads back what OHEM needs; RCH adds one
     with its value checks on (the loss's, the embeddings' included) and none with
     ``rch.validate=false``. Counted on the CPU with the loss's GPU code path."""
-    from rch import stats
+    from rch import _fused, stats
     from rch.train.trainer import step_losses
 
     from ..test_functional import _HostReads
 
     for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
         monkeypatch.setattr(stats, name, ())
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
     x = torch.randn(2, 3, 32, 48)
     y = torch.randint(0, 10, (2, 32, 48))
     reads = {}
