@@ -36,7 +36,8 @@ step train_cost_novalidate 200 "$py" benchmarks/train_cost.py --device cuda --am
     --crop 512 1024 --reps 20 --no-validate --out "$out/train_cost_cuda_fp16_novalidate.json"
 step cuda_tests 120 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
     -o addopts="" tests/test_functional.py tests/test_loss.py tests/test_properties.py \
-    tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py
+    tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py \
+    tests/train/test_losses.py
 step gpu_memory 90 "$py" benchmarks/gpu_memory.py --validate-off --out "$out/gpu_memory.json"
 # DeepLabV3's baseline runs no matmul, so RCH's small ones bring in cuBLAS workspaces (2 x 32
 # MiB on an H200, 2.3 of its 4.5 points; one since RCH's backward pass runs no BLAS on a

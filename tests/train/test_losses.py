@@ -7,6 +7,8 @@ import torch
 
 from rch.train import ohem_keep, poly_lr, seg_cross_entropy
 
+from ..conftest import DEVICE
+
 
 def naive_ohem(logits, labels, thresh, min_kept, ignore):
     probs = logits.softmax(1)
@@ -38,6 +40,45 @@ def test_ohem_matches_naive(min_kept):
     keep = ohem_keep(logits, labels, 0.7, min_kept, 255)
     assert torch.equal(keep, naive_ohem(logits, labels, 0.7, min_kept, 255))
     assert not keep[0, 0].any()
+
+
+@pytest.mark.parametrize("min_kept", [1, 5])
+def test_ohem_with_no_valid_pixel_keeps_none(min_kept):
+    labels = torch.full((1, 2, 3), 255)
+    keep = ohem_keep(torch.randn(1, 3, 2, 3), labels, 0.7, min_kept, 255)
+    assert keep.shape == labels.shape and not keep.any()
+
+
+def test_ohem_with_ties_at_the_threshold_matches_naive():
+    """Equal probabilities around the min_kept-th one: the same pixels as the naive sort."""
+    logits = torch.zeros(2, 3, 4, 4)
+    logits[:, 0, :2] = 1.0
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[1, 3, 3] = 255
+    for min_kept in (0, 4, 7, 20, 40):
+        keep = ohem_keep(logits, labels, 0.2, min_kept, 255)
+        assert torch.equal(keep, naive_ohem(logits, labels, 0.2, min_kept, 255)), min_kept
+
+
+def test_ohem_reads_nothing_back():
+    """On a GPU a read-back waits for the queue to drain and then leaves the GPU idle while
+    the rest of the step is launched; OHEM needs none (the count of valid pixels stays on the
+    device)."""
+    from ..test_functional import _HostReads
+
+    logits, labels = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    labels[0, :2] = 255
+    with _HostReads() as spy:
+        keep = ohem_keep(logits, labels, 0.7, 20, 255)
+    assert spy.reads == []
+    assert torch.equal(keep, naive_ohem(logits, labels, 0.7, 20, 255))
+    if DEVICE.type == "cuda":  # the real thing: CUDA itself reports any synchronisation
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            keep = ohem_keep(logits.to(DEVICE), labels.to(DEVICE), 0.7, 20, 255)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(keep.cpu(), naive_ohem(logits, labels, 0.7, 20, 255))
 
 
 def test_ohem_cross_entropy_averages_over_kept_pixels():

@@ -34,13 +34,18 @@ def ohem_keep(
         valid = labels != ignore_index
         safe = torch.where(valid, labels, 0)
         prob = logits.float().softmax(1).gather(1, safe[:, None]).squeeze(1)
-        prob = torch.where(valid, prob, torch.ones_like(prob) * 2)  # ignored never kept
-        threshold = torch.tensor(thresh, device=prob.device)
-        n_valid = int(valid.sum())
-        if min_kept > 0 and n_valid > 0:
-            kth = torch.kthvalue(prob.flatten(), min(min_kept, n_valid - 1) + 1).values
-            threshold = torch.maximum(threshold, kth)
-        return valid & (prob < threshold)
+        count = min(min_kept + 1, prob.numel())
+        if min_kept <= 0 or count == 0:
+            return valid & (prob < thresh)
+        # The min(min_kept, n_valid - 1)-th smallest valid probability, found without reading
+        # n_valid back to the host (on a GPU a synchronisation, which would leave the GPU idle
+        # while the rest of the step is launched): among the min_kept + 1 smallest values, with
+        # ignored pixels set to 2 (above any probability), the largest valid one.
+        smallest = torch.topk(
+            torch.where(valid, prob, 2.0).flatten(), count, largest=False, sorted=False
+        ).values
+        kth = torch.where(smallest < 2, smallest, -1.0).amax()  # -1: no valid pixel at all
+        return valid & (prob < kth.clamp_min(thresh))
 
 
 def seg_cross_entropy(
