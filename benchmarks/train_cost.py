@@ -9,7 +9,8 @@ over the measured steps is reported, model and optimiser state included; on CUDA
 allocated by tensors. On the CPU the child also reports the file-backed part of its resident
 set at the end (RssFile: the pages of torch's and the other shared libraries that the process
 touched), and the memory ratio is given once more without it: that part is code, not tensors,
-and how much of it is resident varies with the machine's page cache. Inference: the exported
+and how much of it is resident varies with the machine's page cache. On CUDA the child also
+counts the host synchronisations of one more step (``syncs``). Inference: the exported
 RCH model is checked against the baseline architecture (parameter count, FLOPs from torch's
 FlopCounterMode, bitwise outputs).
 
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +97,24 @@ def step(
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
+    train_step(cfg, net, opt, x, y, amp_dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def train_step(
+    cfg: Config,
+    net: Network,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp_dtype: torch.dtype | None,
+) -> None:
     opt.zero_grad(set_to_none=True)
     parts, _ = step_losses(cfg, net, net.module, x, y, amp_dtype)
     parts["loss"].backward()
     opt.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def amp_dtype(amp: str) -> torch.dtype | None:
@@ -131,7 +144,9 @@ def memory_child(name: str, variant: str, args: argparse.Namespace) -> dict[str,
     """In a child process: peak memory (MiB) over warm-up + measured steps of one variant.
 
     ``peak``: VmHWM on the CPU, the peak allocated by tensors on CUDA. ``file``: on the CPU, the
-    file-backed resident set (RssFile) after the steps; absent on CUDA.
+    file-backed resident set (RssFile) after the steps; absent on CUDA. ``syncs``: on CUDA, the
+    host synchronisations of one more step, as ``torch.cuda.set_sync_debug_mode`` reports them;
+    absent on the CPU.
     """
     device = args.device
     if device == "cuda":
@@ -140,11 +155,28 @@ def memory_child(name: str, variant: str, args: argparse.Namespace) -> dict[str,
         Path("/proc/self/clear_refs").write_text("5")
     cfg, net, opt = build(name, variant == "rch", args.crop, args.amp, device, not args.no_validate)
     x, y = batch(args, device)
+    amp = amp_dtype(args.amp)
     for _ in range(2):
-        step(cfg, net, opt, x, y, amp_dtype(args.amp), device)
+        step(cfg, net, opt, x, y, amp, device)
     if device == "cuda":
-        return {"peak": torch.cuda.max_memory_allocated() / 2**20}
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"peak": peak, "syncs": count_syncs(lambda: train_step(cfg, net, opt, x, y, amp))}
     return {"peak": _kib("VmHWM") / 1024, "file": _kib("RssFile") / 1024}
+
+
+def count_syncs(fn: Any) -> int:
+    """How many synchronising CUDA calls ``fn()`` makes (``torch.cuda.set_sync_debug_mode``'s
+    warnings). Each one waits for the GPU's queue to drain, then the GPU idles while the host
+    launches what follows."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def memory(name: str, variant: str, cli: list[str]) -> dict[str, float]:
@@ -226,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     print(
         f"{'network':<20} {'base s/it':>10} {'RCH s/it':>10} {'time':>7} {'base MiB':>9} "
-        f"{'RCH MiB':>9} {'memory':>7} {'no files':>8}  inference (params, FLOPs, outputs)"
+        f"{'RCH MiB':>9} {'memory':>7} {'no files':>8} {'syncs':>6}  inference (params, FLOPs, "
+        "outputs)"
     )
     for name in args.networks:
         res = time_network(name, args)
@@ -234,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         mem = {v: m["peak"] for v, m in child.items()}
         res["peak_mib"] = mem
         res["memory_ratio"] = mem["rch"] / mem["baseline"]
-        without = "-"
+        without, syncs = "-", "-"
+        if all("syncs" in m for m in child.values()):
+            res["syncs_per_step"] = counts = {v: int(m["syncs"]) for v, m in child.items()}
+            syncs = f"{counts['baseline']}/{counts['rch']}"
         if all("file" in m for m in child.values()):
             res["file_backed_mib"] = files = {v: m["file"] for v, m in child.items()}
             res["memory_ratio_without_files"] = ratio = (mem["rch"] - files["rch"]) / (
@@ -252,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<20} {res['time_s']['baseline']:10.3f} {res['time_s']['rch']:10.3f} "
             f"{res['time_ratio']:7.3f} {mem['baseline']:9.0f} {mem['rch']:9.0f} "
-            f"{res['memory_ratio']:7.3f} {without:>8}  {'identical' if same else 'DIFFERENT'}",
+            f"{res['memory_ratio']:7.3f} {without:>8} {syncs:>6}  "
+            f"{'identical' if same else 'DIFFERENT'}",
             flush=True,
         )
     meta = run_meta(
