@@ -511,9 +511,36 @@ def test_the_value_checks_read_back_once(monkeypatch, formulation):
     assert spy.reads == []
 
 
+class _Calls(TorchFunctionMode):
+    """Records the name of every torch function called, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_the_value_checks_are_read_back_after_the_loss_is_queued(formulation):
+    """On a GPU the read-back waits for the device. Made last, it lets the host launch the
+    loss's many small kernels while the GPU still runs the network's forward pass; made
+    first, the GPU would idle while they are launched one by one."""
+    c = make_case(seed=37, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
+    with _Calls() as spy:
+        rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes, formulation=formulation)
+    assert spy.calls.count("__bool__") == 1
+    assert spy.calls[-1] == "__bool__", spy.calls[-5:]
+    assert len(spy.calls) > 100  # the spy sees the loss's own operations
+
+
 def test_a_failed_value_check_names_the_first_bad_input():
     """When the one read-back says something is wrong, the full checks run in order and the
-    first bad input raises with its own message, before any label indexes anything."""
+    first bad input raises with its own message. Until then a label out of range counts as
+    ignored, so nothing indexes out of bounds first (on the CPU an IndexError, on a GPU a
+    device-side assert): the labels' message is the error."""
     c = make_case(seed=34)
     bad_labels, bad_emb = c.labels.clone(), c.embeddings.detach().clone()
     bad_labels[0, 0, 0] = 7

@@ -17,6 +17,7 @@ __all__ = [
     "check_probability",
     "check_tensor",
     "finite_flag",
+    "label_outliers",
     "labels_flag",
     "run_checks",
 ]
@@ -122,12 +123,16 @@ def finite_flag(value: Tensor) -> Tensor:
         return torch.isfinite(summary).all()
 
 
+def label_outliers(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Bool mask of the labels that are neither in ``[0, num_classes)`` nor ``ignore_index``."""
+    with torch.no_grad():
+        return ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+
+
 def labels_flag(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """0-dim bool tensor, true when every label is in ``[0, num_classes)`` or ``ignore_index``;
     nothing is read back to the host."""
-    with torch.no_grad():
-        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-        return ~bad.any()
+    return ~label_outliers(labels, num_classes, ignore_index).any()
 
 
 def run_checks(checks: Sequence[PendingCheck]) -> None:
@@ -156,9 +161,9 @@ def run_checks(checks: Sequence[PendingCheck]) -> None:
 def check_labels(name: str, labels: Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ``ValueError`` if a label is neither in ``[0, num_classes)`` nor ``ignore_index``."""
     with torch.no_grad():
-        if bool(labels_flag(labels, num_classes, ignore_index)):
+        bad = label_outliers(labels, num_classes, ignore_index)
+        if not bool(bad.any()):
             return
-        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         values = torch.unique(labels[bad])
     shown = ", ".join(str(int(v)) for v in values[:10])
     more = "" if values.numel() <= 10 else f" (and {values.numel() - 10} more)"

@@ -23,6 +23,7 @@ from ._validation import (
     check_probability,
     check_tensor,
     finite_flag,
+    label_outliers,
     labels_flag,
     run_checks,
 )
@@ -248,9 +249,9 @@ def rch_loss(
             use every labelled pixel. ``None``: the loss counts every labelled pixel.
         validate: check the values too (labels in range, no NaN/Inf in the inputs, a
             momentum tensor in ``[0, 1)``). The checks are read back from the device together,
-            once per call; on a GPU that synchronisation stalls the step, so a tuned training
-            loop may turn them off (like torchmetrics' ``validate_args``). Shapes, dtypes and
-            options are always checked.
+            once per call, after the loss's work has been queued; on a GPU that
+            synchronisation stalls the step, so a tuned training loop may turn them off (like
+            torchmetrics' ``validate_args``). Shapes, dtypes and options are always checked.
 
     Returns:
         An :class:`RCHLossOutput`.
@@ -333,12 +334,21 @@ def _rch_loss(
     dtype: torch.dtype,
 ) -> RCHLossOutput:
     """The loss; ``checks``: the value checks of :func:`_validate` (``None``: no value
-    checks), read back in one go with the embeddings' before any label indexes anything."""
+    checks), read back in one go with the embeddings' once the loss's work is queued.
+
+    On a GPU that read waits for the device to catch up. Made first, it would leave the GPU
+    idle while the host launches the loss's many small kernels one by one; made last, they
+    are launched while the GPU still runs the network's forward pass. Until then, labels out
+    of range count as ignored, so that nothing indexes out of bounds (on a GPU, a device-side
+    assert that ends the process); NaN and Inf merely propagate. A failed check raises from
+    this call as before, and nothing it computed is returned.
+    """
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
     if checks is not None:
         finite = finite_flag(embeddings)
-        run_checks([*checks, (finite, lambda: check_finite("embeddings", embeddings))])
+        checks = [*checks, (finite, lambda: check_finite("embeddings", embeddings))]
+        labels = labels.masked_fill(label_outliers(labels, k, step.ignore_index), step.ignore_index)
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w), dtype)
     # any class stands in for an ignored pixel's target: its margin and loss are zero
@@ -382,7 +392,10 @@ def _rch_loss(
             step,
         )
     tp, fn, fp = set_counts(sets, k)
-    return RCHLossOutput(loss_fn + loss_fp, loss_fn, loss_fp, prototypes, updated, tp, fn, fp)
+    loss = loss_fn + loss_fp
+    if checks is not None:
+        run_checks(checks)
+    return RCHLossOutput(loss, loss_fn, loss_fp, prototypes, updated, tp, fn, fp)
 
 
 def _official_loss(
