@@ -409,11 +409,12 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
     if DEVICE.type == "cuda":  # the real thing: CUDA itself reports any synchronisation
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = rch_loss(
-                c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask,
-                validate=False, formulation=formulation,
-            )  # fmt: skip
-            (out.loss + out.prototypes.sum()).backward()
+            for update in (True, False):  # without the EMA step too (learned prototypes)
+                out = rch_loss(
+                    c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask,
+                    validate=False, formulation=formulation, update_prototypes=update,
+                )  # fmt: skip
+                (out.loss + out.prototypes.sum()).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

@@ -290,7 +290,7 @@ class _PaperLoss(torch.autograd.Function):
             n_valid,
             products,
         )
-        updated = present if present is not None else torch.zeros(k, dtype=torch.bool)
+        updated = present if present is not None else units.new_zeros(k, dtype=torch.bool)
         ctx.mark_non_differentiable(updated)
         return losses[0], losses[1], protos, updated
 
@@ -465,4 +465,4 @@ def fused_paper_loss(
         plan: the non-differentiable description of the step.
     """
     loss_fn, loss_fp, protos, updated = _PaperLoss.apply(embeddings, prototypes, plan)
-    return loss_fn, loss_fp, protos, updated.to(embeddings.device)
+    return loss_fn, loss_fp, protos, updated
