@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rch import _fused, stats
 from rch.functional import rch_loss
 from rch.loss import calibration_terms, margin_logits, unit
 from rch.stats import flatten_pixels, pixel_sets
@@ -108,3 +112,60 @@ def test_loss_is_finite_with_finite_gradients(spec):
         int(counts.sum()) == int((c.labels != 255).sum())
         or c.labels.shape[-2:] != (c.embeddings.shape[-2:])
     )
+
+
+@contextlib.contextmanager
+def _gpu_path() -> Iterator[None]:
+    """The loss's GPU code path on the CPU (see ``stats.COMPACT_ON`` and its neighbours,
+    ``_fused.BLAS_IN_BACKWARD_ON``), with blocks of 64 rows and bags of 3 rows."""
+    switches = [(stats, n, ()) for n in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON")]
+    switches += [(_fused, "BLAS_IN_BACKWARD_ON", ()), (_fused, "CHUNK_BYTES", 1)]
+    switches += [(_fused, "DEVICE_CHUNK_BYTES", 1), (_fused, "BAG_INDEX_BYTES", 1)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    try:
+        for module, name, value in switches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@SETTINGS
+@given(
+    spec=cases,
+    terms=st.tuples(st.booleans(), st.booleans()),
+    update=st.booleans(),
+    weights=st.tuples(st.floats(-2.0, 2.0), st.floats(-2.0, 2.0)),
+    label_scale=st.sampled_from([1, 2]),
+    masked=st.booleans(),
+)
+def test_gpu_path_gives_the_cpu_paths_loss_and_gradients(
+    spec, terms, update, weights, label_scale, masked
+):
+    """The GPU path differs from the CPU's in how it computes, not in what: no compaction,
+    no ``bincount``, scattered sums, and no BLAS in the backward pass (the prototypes'
+    products made in the forward pass per term, the embeddings' as bags)."""
+    h, w = spec["size"]
+    c = make_case(**spec, label_size=(h * label_scale, w * label_scale))
+    g = torch.Generator().manual_seed(1)
+    probe = torch.randn(c.prototypes.shape, generator=g)
+    mask = (torch.rand(c.labels.shape, generator=g) < 0.6).to(c.labels.device) if masked else None
+
+    def run() -> list[torch.Tensor]:
+        emb = c.embeddings.detach().clone().requires_grad_(True)
+        protos = c.prototypes.clone().requires_grad_(True)
+        out = rch_loss(
+            emb, c.seg_logits, c.labels, protos, fn_term=terms[0], fp_term=terms[1],
+            update_prototypes=update, loss_mask=mask,
+        )  # fmt: skip
+        total = weights[0] * out.loss_fn + weights[1] * out.loss_fp
+        (total + (out.prototypes * probe.to(protos)).sum()).backward()
+        assert emb.grad is not None and protos.grad is not None
+        return [out.loss_fn, out.loss_fp, out.prototypes, emb.grad, protos.grad]
+
+    want = run()
+    with _gpu_path():
+        got = run()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
