@@ -79,6 +79,36 @@ def test_warmup_gives_zero_loss_then_turns_on():
     assert out.active and out.loss.item() > 0 and not torch.equal(head.prototypes, protos)
 
 
+def test_a_warm_up_reads_the_step_counter_once(monkeypatch):
+    """A warm-up compares the step counter with ``warmup_iters`` at every step. The head
+    reads the counter from the device once (on a GPU a synchronisation) and then counts on
+    the host; a counter changed behind its back (a loaded checkpoint, an in-place write) is
+    read again."""
+    from rch import _fused, stats
+
+    from .test_functional import _HostReads
+
+    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
+        monkeypatch.setattr(stats, name, ())
+    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, warmup_iters=3, validate=False).to(DEVICE)
+    inputs = [t.to(DEVICE) for t in _inputs(0)]
+    with _HostReads() as spy:
+        active = [head(*inputs).active for _ in range(5)]
+    assert active == [False, False, False, True, True]
+    assert spy.reads == ["__int__"]
+    assert int(head.step) == 5
+    state = head.state_dict()
+    state["step"] = torch.tensor(1)
+    head.load_state_dict(state)
+    assert head.warming_up  # step 1 of 3, read from the loaded buffer
+    head.step.fill_(3)
+    assert not head.warming_up
+    head.step = torch.tensor(0, device=DEVICE)  # another tensor altogether
+    assert head.warming_up
+
+
 def test_learned_prototypes_are_a_trained_parameter():
     torch.manual_seed(0)
     head = RCHHead(6, 4, embed_dim=5, prototypes="learned")

@@ -174,6 +174,9 @@ class RCHHead(nn.Module):
         else:
             self.register_buffer("prototypes", init)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # the step counter as this head last read or advanced it: (id, version, value) of the
+        # buffer, so that a warm-up need not read the device every step (see _step_count)
+        self._step_seen: tuple[int, int, int] | None = None
         # learned prototypes at the previous training step: the optimizer moves them between
         # forwards, so that is what their ``stats.drift`` measures (not saved in checkpoints)
         self.register_buffer("_previous_prototypes", None, persistent=False)
@@ -193,7 +196,31 @@ class RCHHead(nn.Module):
     def warming_up(self) -> bool:
         """True while the step counter is below ``warmup_iters``."""
         # without a warm-up, no read of the (device) step counter: no host synchronisation
-        return self.warmup_iters > 0 and int(self.step) < self.warmup_iters
+        return self.warmup_iters > 0 and self._step_count() < self.warmup_iters
+
+    def _known_step(self) -> int | None:
+        """The step counter's value if this head knows it without reading the buffer: the
+        buffer is the one it last read or advanced, unchanged since (its version counter
+        moves with every in-place change, ``load_state_dict`` included)."""
+        seen, step = self._step_seen, self.step
+        if seen is not None and seen[0] == id(step) and seen[1] == step._version:
+            return seen[2]
+        return None
+
+    def _step_count(self) -> int:
+        """The step counter; read from the device (on a GPU, a synchronisation) only when
+        this head does not know it, e.g. after loading a checkpoint, not at every step."""
+        known = self._known_step()
+        if known is None:
+            known = int(self.step)
+            self._step_seen = (id(self.step), self.step._version, known)
+        return known
+
+    def _advance(self) -> None:
+        known = self._known_step()
+        self.step += 1
+        if known is not None:
+            self._step_seen = (id(self.step), self.step._version, known + 1)
 
     def embed(self, features: Tensor) -> Tensor:
         """Project ``(B, C_in, h, w)`` features to ``(B, D, h, w)`` embeddings."""
@@ -254,7 +281,7 @@ class RCHHead(nn.Module):
     ) -> RCHHeadOutput:
         """:meth:`forward` from embeddings already made by :meth:`embed` (``(B, D, h, w)``)."""
         if self.training and self.warming_up:
-            self.step += 1
+            self._advance()
             zero = embeddings.sum() * 0.0
             return RCHHeadOutput(zero, zero.detach(), zero.detach(), False, None)
         if not self.training and not bool(self.initialized.any()):
@@ -295,7 +322,7 @@ class RCHHead(nn.Module):
                 with torch.no_grad():
                     self.prototypes.copy_(out.prototypes.detach())
                     self.initialized |= out.updated
-            self.step += 1
+            self._advance()
         stats = None
         if before is not None:
             stats = calibration_stats(
