@@ -24,6 +24,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_meta, write_results
-from train_cost import NETWORKS, amp_dtype, batch, build, step
+from train_cost import NETWORKS, amp_dtype, batch, build, timed, train_step
 
 BEFORE = "held before the step"
 BACKWARD = "autograd backward"
@@ -160,18 +161,19 @@ def record_step(name: str, rch: bool, args: argparse.Namespace) -> dict[str, Any
     recorded too, so that blocks it leaves live are named."""
     cfg, net, opt = build(name, rch, args.crop, args.amp, "cuda", not args.validate_off)
     x, y = batch(args, "cuda")
-    step(cfg, net, opt, x, y, amp_dtype(args.amp), "cuda")
+    step = partial(timed, partial(train_step, cfg, net, opt, x, y, amp_dtype(args.amp)), "cuda")
+    step()
     gc.collect()
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=args.max_entries, stacks="python")
     try:
-        step(cfg, net, opt, x, y, amp_dtype(args.amp), "cuda")
+        step()
         from_event = len(
             torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
         )
         torch.cuda.reset_peak_memory_stats()
-        step(cfg, net, opt, x, y, amp_dtype(args.amp), "cuda")
+        step()
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)

@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +87,12 @@ def batch(args: argparse.Namespace, device: str) -> tuple[torch.Tensor, torch.Te
     return x.to(device), y.to(device)
 
 
-def step(
-    cfg: Config,
-    net: Network,
-    opt: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    amp_dtype: torch.dtype | None,
-    device: str,
-) -> float:
+def timed(fn: Callable[[], None], device: str) -> float:
+    """Seconds that ``fn()`` takes, the device's queue drained before and after."""
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    train_step(cfg, net, opt, x, y, amp_dtype)
+    fn()
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -133,7 +128,7 @@ def time_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for v in order:
             cfg, net, opt = variants[v]
-            t = step(cfg, net, opt, x, y, amp_dtype(args.amp), device)
+            t = timed(partial(train_step, cfg, net, opt, x, y, amp_dtype(args.amp)), device)
             if rep >= args.warmup:
                 times[v].append(t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
@@ -157,14 +152,14 @@ def memory_child(name: str, variant: str, args: argparse.Namespace) -> dict[str,
     x, y = batch(args, device)
     amp = amp_dtype(args.amp)
     for _ in range(2):
-        step(cfg, net, opt, x, y, amp, device)
+        timed(partial(train_step, cfg, net, opt, x, y, amp), device)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
-        return {"peak": peak, "syncs": count_syncs(lambda: train_step(cfg, net, opt, x, y, amp))}
+        return {"peak": peak, "syncs": count_syncs(partial(train_step, cfg, net, opt, x, y, amp))}
     return {"peak": _kib("VmHWM") / 1024, "file": _kib("RssFile") / 1024}
 
 
-def count_syncs(fn: Any) -> int:
+def count_syncs(fn: Callable[[], None]) -> int:
     """How many synchronising CUDA calls ``fn()`` makes (``torch.cuda.set_sync_debug_mode``'s
     warnings). Each one waits for the GPU's queue to drain, then the GPU idles while the host
     launches what follows."""
