@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rch.functional import rch_loss
 
 from ._reference import naive_official, naive_paper
-from .conftest import DEVICE, make_case
+from .conftest import DEVICE, make_case, use_gpu_path
 
 TOL = {"rtol": 1e-9, "atol": 1e-10}
 
@@ -376,18 +376,13 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
     ``validate=False`` the loss's forward and backward make none (the GPU path: no
     compaction of the misclassified pixels, no bincount, scattered instead of sorted
     sums), and give the CPU path's numbers."""
-    from rch import _fused, stats
-
     c = make_case(seed=31, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
     mask = (torch.rand(c.labels.shape) < 0.7).to(c.labels.device) if masked else None
     want = rch_loss(
         c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask, formulation=formulation
     )
     want_grad = _grads(want.loss + want.prototypes.sum(), c.embeddings)[0]
-    monkeypatch.setattr(stats, "COMPACT_ON", ())
-    monkeypatch.setattr(stats, "BINCOUNT_ON", ())
-    monkeypatch.setattr(stats, "SORTED_SUMS_ON", ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    use_gpu_path(monkeypatch)
     with _HostReads() as spy:
         out = rch_loss(
             c.embeddings,
@@ -443,7 +438,7 @@ def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
     backward runs no BLAS: the prototypes' products come from the forward pass and the
     embeddings' is a bag of prototype rows. The gradients are the BLAS path's, for any
     weights of the two terms, of the updated prototypes and of the prototypes given."""
-    from rch import _fused, stats
+    from rch import _fused
 
     fn_term, fp_term = terms
     c = make_case(seed=42, batch=2, dim=5, classes=4, size=(11, 13), absent=(1,))
@@ -465,11 +460,7 @@ def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
     monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", (DEVICE.type,))
     _, blas_backward, want = step()
     assert BLAS_OPS & set(blas_backward)  # the spy sees the products where they are
-    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
-        monkeypatch.setattr(stats, name, ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
-    monkeypatch.setattr(_fused, "DEVICE_CHUNK_BYTES", 1)  # blocks of 64 rows: five of them
-    monkeypatch.setattr(_fused, "BAG_INDEX_BYTES", 8 * 4 * 10)  # bags of 10 rows
+    use_gpu_path(monkeypatch, tiny_blocks=True)  # five blocks of rows, one-row bags
     forward, backward, got = step()
     assert not BLAS_OPS & set(backward), sorted(BLAS_OPS & set(backward))
     assert "mm" in forward
@@ -494,14 +485,9 @@ def test_the_value_checks_read_back_once(monkeypatch, formulation):
     """With ``validate=True`` (the default) the value checks of labels, logits, prototypes,
     a momentum tensor and embeddings are read back together: one host read per loss
     call, one synchronisation on a GPU, instead of one per check."""
-    from rch import _fused, stats
-
     c = make_case(seed=33, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
     momentum = torch.full((4,), 0.9, dtype=torch.float64, device=c.prototypes.device)
-    monkeypatch.setattr(stats, "COMPACT_ON", ())
-    monkeypatch.setattr(stats, "BINCOUNT_ON", ())
-    monkeypatch.setattr(stats, "SORTED_SUMS_ON", ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    use_gpu_path(monkeypatch)
     args = (c.embeddings, c.seg_logits, c.labels, c.prototypes)
     with _HostReads() as spy:
         out = rch_loss(*args, momentum=momentum, formulation=formulation)

@@ -10,7 +10,7 @@ import torch
 from rch import RCHError, RCHHead
 from rch.functional import rch_loss
 
-from .conftest import DEVICE, make_case
+from .conftest import DEVICE, make_case, use_gpu_path
 
 
 def _inputs(seed=0, classes=4, channels=6):
@@ -84,13 +84,9 @@ def test_a_warm_up_reads_the_step_counter_once(monkeypatch):
     reads the counter from the device once (on a GPU a synchronisation) and then counts on
     the host; a counter changed behind its back (a loaded checkpoint, an in-place write) is
     read again."""
-    from rch import _fused, stats
-
     from .test_functional import _HostReads
 
-    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
-        monkeypatch.setattr(stats, name, ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    use_gpu_path(monkeypatch)
     torch.manual_seed(0)
     head = RCHHead(6, 4, embed_dim=5, warmup_iters=3, validate=False).to(DEVICE)
     inputs = [t.to(DEVICE) for t in _inputs(0)]
@@ -273,13 +269,9 @@ def test_a_training_step_reads_back_at_most_once(monkeypatch, init, validate):
     """A training step's host reads (GPU synchronisations): with the value checks, one (the
     loss's checks together, the embeddings' included); without, none. A prototype
     momentum tensor (``prototype_init="first"``) adds none."""
-    from rch import _fused, stats
-
     from .test_functional import _HostReads
 
-    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
-        monkeypatch.setattr(stats, name, ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    use_gpu_path(monkeypatch)
     torch.manual_seed(0)
     head = RCHHead(6, 4, embed_dim=5, prototype_init=init, validate=validate).to(DEVICE)
     c = make_case(seed=35, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
@@ -295,13 +287,9 @@ def test_the_heads_backward_runs_no_blas_on_the_gpu_path(monkeypatch):
     """The head's whole backward pass (loss, projection, BN) calls no BLAS on the GPU path:
     on a GPU it runs on autograd's own thread, where a first cuBLAS call would allocate a
     workspace that the process keeps (see ``_fused.BLAS_IN_BACKWARD_ON``)."""
-    from rch import _fused, stats
-
     from .test_functional import BLAS_OPS, _AtenOps
 
-    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
-        monkeypatch.setattr(stats, name, ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    use_gpu_path(monkeypatch)
     torch.manual_seed(0)
     head = RCHHead(6, 4, embed_dim=5).to(DEVICE)
     c = make_case(seed=36, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))

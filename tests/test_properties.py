@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rch import _fused, stats
 from rch.functional import rch_loss
 from rch.loss import calibration_terms, margin_logits, unit
 from rch.stats import flatten_pixels, pixel_sets
 
-from .conftest import make_case
+from .conftest import make_case, use_gpu_path
 
 cases = st.fixed_dictionaries(
     {
@@ -114,23 +111,6 @@ def test_loss_is_finite_with_finite_gradients(spec):
     )
 
 
-@contextlib.contextmanager
-def _gpu_path() -> Iterator[None]:
-    """The loss's GPU code path on the CPU (see ``stats.COMPACT_ON`` and its neighbours,
-    ``_fused.BLAS_IN_BACKWARD_ON``), with blocks of 64 rows and bags of 3 rows."""
-    switches = [(stats, n, ()) for n in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON")]
-    switches += [(_fused, "BLAS_IN_BACKWARD_ON", ()), (_fused, "CHUNK_BYTES", 1)]
-    switches += [(_fused, "DEVICE_CHUNK_BYTES", 1), (_fused, "BAG_INDEX_BYTES", 1)]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
-    try:
-        for module, name, value in switches:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-
-
 @SETTINGS
 @given(
     spec=cases,
@@ -165,7 +145,8 @@ def test_gpu_path_gives_the_cpu_paths_loss_and_gradients(
         return [out.loss_fn, out.loss_fp, out.prototypes, emb.grad, protos.grad]
 
     want = run()
-    with _gpu_path():
+    with pytest.MonkeyPatch.context() as patch:
+        use_gpu_path(patch, tiny_blocks=True)
         got = run()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

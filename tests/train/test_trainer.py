@@ -13,6 +13,7 @@ from rch.train import build_network, export_checkpoint, load_checkpoint, save_ch
 from rch.train.config import apply_overrides
 from rch.train.logger import read_metrics
 
+from ..conftest import use_gpu_path
 from .helpers import tiny_config
 
 
@@ -238,14 +239,11 @@ def test_rch_adds_one_host_read_to_a_step_with_checks_and_none_without(tmp_path,
     OHEM, losses, backward) of the baseline reads nothing back; RCH adds one read with its
     value checks on (the loss's, the embeddings' included) and none with
     ``rch.validate=false``. Counted on the CPU with the loss's GPU code path."""
-    from rch import _fused, stats
     from rch.train.trainer import step_losses
 
     from ..test_functional import _HostReads
 
-    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
-        monkeypatch.setattr(stats, name, ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    use_gpu_path(monkeypatch)
     x = torch.randn(2, 3, 32, 48)
     y = torch.randint(0, 10, (2, 32, 48))
     reads = {}
