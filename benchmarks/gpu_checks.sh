@@ -7,8 +7,10 @@
 # important first: a lent machine's time may end before the last step. 5.5 minutes on an
 # H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
 # 18 s, loss_cost 22 s, the AMP run 19 s), measured before the small-workspace step was
-# added (about 20 s more, estimated from gpu_memory's 18 s). The step logs end up in OUT/logs.tar.gz (a lent
-# machine returns at most 8 files).
+# added (about 20 s more, estimated from gpu_memory's 18 s) and before train_cost went from
+# 20 to 40 repetitions (2026-11-28: about 13 s more per run, at 0.64 s per repetition of the
+# three networks' two steps). The step logs end up in OUT/logs.tar.gz (a lent machine
+# returns at most 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
 # A lent GPU machine (no network) had all of them but segmentation-models-pytorch: fetch its
@@ -33,7 +35,7 @@ step() {  # step NAME SECONDS CMD...: run, log to OUT/NAME.log, remember a failu
 nvidia-smi -L
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 step train_cost_novalidate 200 "$py" benchmarks/train_cost.py --device cuda --amp fp16 \
-    --crop 512 1024 --reps 20 --no-validate --out "$out/train_cost_cuda_fp16_novalidate.json"
+    --crop 512 1024 --reps 40 --no-validate --out "$out/train_cost_cuda_fp16_novalidate.json"
 step cuda_tests 120 env RCH_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider \
     -o addopts="" tests/test_functional.py tests/test_loss.py tests/test_properties.py \
     tests/test_validation.py tests/test_head.py tests/test_diagnostics.py tests/test_stats.py \
@@ -51,7 +53,7 @@ step amp_train 40 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progre
     --set train.device=cuda --set train.amp=fp16 --set train.iters=60 \
     --set train.out_dir=/tmp/rch-gpu-runs
 step train_cost 200 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --crop 512 1024 \
-    --reps 20 --out "$out/train_cost_cuda_fp16.json"
+    --reps 40 --out "$out/train_cost_cuda_fp16.json"
 tar -C "$out" -czf "$out/logs.tar.gz" $(cd "$out" && ls *.log)
 rm -f "$out"/*.log
 exit $status

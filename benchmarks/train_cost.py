@@ -3,7 +3,8 @@
 For each network (default: DeepLabV3-ResNet50, HRNet-W18 + OCR, SegFormer-B0) at a CPU-sized
 crop, one process times a full training step of the baseline and of the same network with
 RCH attached (forward, OHEM cross-entropy + auxiliary loss (+ RCH loss), backward, SGD
-step), interleaved, and reports the median of each and their ratio. Peak memory: each
+step), interleaved, and reports the median of each and their ratio, with the quartiles of
+the per-repetition ratios (each repetition runs both, back to back). Peak memory: each
 variant trains in its own child process, and the process's peak resident set (Linux VmHWM)
 over the measured steps is reported, model and optimiser state included; on CUDA, the peak
 allocated by tensors. On the CPU the child also reports the file-backed part of its resident
@@ -132,7 +133,16 @@ def time_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if rep >= args.warmup:
                 times[v].append(t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    return {"time_s": med, "times_s": times, "time_ratio": med["rch"] / med["baseline"]}
+    # each repetition runs both variants back to back: its ratio is a paired measurement, and
+    # the spread of those ratios says how far a run's time ratio can be trusted
+    pairs = [r / b for b, r in zip(times["baseline"], times["rch"], strict=True)]
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+    return {
+        "time_s": med,
+        "times_s": times,
+        "time_ratio": med["rch"] / med["baseline"],
+        "paired_ratio_quartiles": quartiles,
+    }
 
 
 def memory_child(name: str, variant: str, args: argparse.Namespace) -> dict[str, float]:
@@ -252,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results = {}
     print(
-        f"{'network':<20} {'base s/it':>10} {'RCH s/it':>10} {'time':>7} {'base MiB':>9} "
+        f"{'network':<20} {'base s/it':>10} {'RCH s/it':>10} {'time':>7} {'pairs IQR':>13} "
+        f"{'base MiB':>9} "
         f"{'RCH MiB':>9} {'memory':>7} {'no files':>8} {'syncs':>6}  inference (params, FLOPs, "
         "outputs)"
     )
     for name in args.networks:
         res = time_network(name, args)
+        q1, _, q3 = res["paired_ratio_quartiles"]
         child = {v: memory(name, v, cli) for v in ("baseline", "rch")}
         mem = {v: m["peak"] for v, m in child.items()}
         res["peak_mib"] = mem
@@ -282,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{name:<20} {res['time_s']['baseline']:10.3f} {res['time_s']['rch']:10.3f} "
-            f"{res['time_ratio']:7.3f} {mem['baseline']:9.0f} {mem['rch']:9.0f} "
+            f"{res['time_ratio']:7.3f} {f'{q1:.3f}-{q3:.3f}':>13} "
+            f"{mem['baseline']:9.0f} {mem['rch']:9.0f} "
             f"{res['memory_ratio']:7.3f} {without:>8} {syncs:>6}  "
             f"{'identical' if same else 'DIFFERENT'}",
             flush=True,

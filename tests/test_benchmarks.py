@@ -79,6 +79,8 @@ def test_train_cost_quick_checks_inference_equality(tmp_path: Path):
     assert inf["flops_exported"] == inf["flops_baseline"] > 0
     assert inf["outputs_bitwise_equal_to_attached"] and inf["state_dict_keys_equal"]
     assert res["time_ratio"] > 0 and res["memory_ratio"] > 0
+    q1, q2, q3 = res["paired_ratio_quartiles"]  # of the per-repetition ratios
+    assert 0 < q1 <= q2 <= q3
     assert "syncs_per_step" not in res  # counted on CUDA only
     # The file-backed pages (shared libraries) are part of the peak, not all of it, and the
     # ratio without them is computed from the same four numbers.
