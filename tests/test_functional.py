@@ -468,6 +468,26 @@ def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_gpu_path_makes_the_backward_products_only_when_a_backward_pass_can_follow(
+    monkeypatch,
+):
+    """The prototypes' two products for the backward pass come from the forward pass on a
+    GPU; under ``torch.no_grad()`` (or with no input needing a gradient) there is no
+    backward pass, and the cosines are the only product."""
+    use_gpu_path(monkeypatch)
+    c = make_case(seed=43, batch=2, dim=5, classes=4, size=(5, 6))
+    with _AtenOps() as spy:
+        rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    assert spy.ops.count("mm") == 3
+    with torch.no_grad(), _AtenOps() as spy:
+        rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    assert spy.ops.count("mm") == 1
+    assert not c.prototypes.requires_grad
+    with _AtenOps() as spy:
+        rch_loss(c.embeddings.detach(), c.seg_logits, c.labels, c.prototypes)
+    assert spy.ops.count("mm") == 1
+
+
 def test_validate_false_skips_only_the_value_checks():
     c = make_case(seed=32)
     logits = c.seg_logits.clone()

@@ -15,7 +15,7 @@ step allocates no ``(N, D)`` tensor beyond the unit embeddings and their gradien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ class PaperPlan:
     fp_term: bool
     group: dist.ProcessGroup | None
     dtype: torch.dtype | None = None  # the loss's working dtype; None: the embeddings' own
+    backward: bool = True  # a backward pass may follow (set by fused_paper_loss)
 
 
 CHUNK_BYTES = 1 << 21
@@ -250,8 +251,7 @@ class _PaperLoss(torch.autograd.Function):
             losses.append(torch.where(valid, nll, 0.0).sum() / n_valid)
             totals.append(total)
         products = torch.empty(0)
-        wanted = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # type: ignore[attr-defined]
-        if units.device.type not in BLAS_IN_BACKWARD_ON and wanted:
+        if units.device.type not in BLAS_IN_BACKWARD_ON and plan.backward:
             # the prototypes' product of each term, per unit of its output's gradient: here, on
             # the thread that runs the network, not on the autograd engine's
             scale = valid.to(units.dtype) / n_valid
@@ -464,5 +464,7 @@ def fused_paper_loss(
         prototypes: ``(K, D)`` prototypes before the step.
         plan: the non-differentiable description of the step.
     """
+    wanted = embeddings.requires_grad or prototypes.requires_grad
+    plan = replace(plan, backward=torch.is_grad_enabled() and wanted)
     loss_fn, loss_fp, protos, updated = _PaperLoss.apply(embeddings, prototypes, plan)
     return loss_fn, loss_fp, protos, updated
