@@ -97,6 +97,34 @@ def test_resize_logits_never_copies_the_map_whole(dtype):
     torch.testing.assert_close(out, want)
 
 
+def test_resize_logits_makes_its_taps_once_per_sizes():
+    """The source lines and weights depend on the sizes only: a second resize between the
+    same sizes runs only the gather, the cast and the blends (on a GPU, a dozen fewer
+    kernel launches per axis). Taps first made under ``torch.inference_mode`` are ordinary
+    tensors, so they can serve a training step afterwards."""
+    from rch.stats import _bilinear_taps
+
+    from .test_functional import _AtenOps
+
+    _bilinear_taps.cache_clear()
+    x = torch.randn(2, 3, 23, 41, device=DEVICE)
+    with torch.inference_mode():
+        first = resize_logits(x, (7, 9), torch.float32)
+    with _AtenOps() as spy:
+        again = resize_logits(x, (7, 9), torch.float32)
+    assert torch.equal(first, again)
+    assert "arange" not in spy.ops and len(spy.ops) <= 8, spy.ops
+    assert _bilinear_taps.cache_info().hits == 2
+    taps = [
+        t
+        for n_in, n_out in ((23, 7), (41, 9))
+        for t in _bilinear_taps(n_in, n_out, x.device, torch.float32)
+    ]
+    assert not any(t.is_inference() for t in taps if t is not None)
+    want = torch.nn.functional.interpolate(x, size=(7, 9), mode="bilinear")
+    torch.testing.assert_close(again, want)
+
+
 def test_pixel_sets_by_hand():
     y = torch.tensor([[[0, 1], [1, 255]]])
     p = torch.tensor([[[0, 0], [1, 1]]])

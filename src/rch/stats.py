@@ -7,6 +7,7 @@ confusion matrix. Both use the helpers here, so the two can never disagree.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -87,19 +88,13 @@ def resize_logits(
         return logits.to(dtype)
     if size[0] > logits.shape[-2] or size[1] > logits.shape[-1]:
         return F.interpolate(logits.to(dtype), size=size, mode="bilinear", align_corners=False)
-    lines: list[Tensor] = []
-    fracs: list[Tensor | None] = []
-    for dim, n_out in ((2, size[0]), (3, size[1])):
-        if logits.shape[dim] == n_out:
-            lines.append(torch.arange(n_out, device=logits.device))
-            fracs.append(None)
-        else:
-            lo, hi, frac = _bilinear_taps(logits.shape[dim], n_out, logits.device, dtype)
-            lines.append(torch.cat([lo, hi]))
-            fracs.append(frac)
+    (rows, row_frac), (cols, col_frac) = (
+        _bilinear_taps(logits.shape[dim], n_out, logits.device, dtype)
+        for dim, n_out in ((2, size[0]), (3, size[1]))
+    )
     # both axes' source lines in one gather, in the logits' own dtype; then the cast
-    out = logits[:, :, lines[0][:, None], lines[1]].to(dtype)
-    for dim, weight in ((2, fracs[0]), (3, fracs[1])):
+    out = logits[:, :, rows[:, None], cols].to(dtype)
+    for dim, weight in ((2, row_frac), (3, col_frac)):
         if weight is not None:
             first, second = out.split(weight.shape[0], dim)
             shape = [1, 1, 1, 1]
@@ -108,16 +103,28 @@ def resize_logits(
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _bilinear_taps(
     n_in: int, n_out: int, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Source indices and weight of ``align_corners=False`` bilinear sampling along one axis
-    (PyTorch's rule: ``src = (i + 0.5) * n_in / n_out - 0.5``, clamped at 0)."""
-    src = (torch.arange(n_out, device=device, dtype=dtype) + 0.5) * (n_in / n_out) - 0.5
-    src = src.clamp_min(0)
-    lo = src.long().clamp_max(n_in - 1)
-    hi = (lo + 1).clamp_max(n_in - 1)
-    return lo, hi, src - lo.to(dtype)
+) -> tuple[Tensor, Tensor | None]:
+    """``align_corners=False`` bilinear sampling along one axis, from ``n_in`` to ``n_out <=
+    n_in`` lines (PyTorch's rule: ``src = (i + 0.5) * n_in / n_out - 0.5``, clamped at 0):
+    the source lines, the ``n_out`` lower ones then the ``n_out`` upper ones, and the upper
+    one's weight; equal sizes: the lines themselves and no weight.
+
+    They depend on the sizes only, so they are made once per sizes, device and dtype, not
+    at every step: on a GPU that saves a dozen kernel launches per axis. Callers must not
+    change them in place. (Made outside inference mode, so that a first call under
+    ``torch.inference_mode`` does not leave inference tensors for training steps.)
+    """
+    with torch.inference_mode(False):
+        if n_in == n_out:
+            return torch.arange(n_out, device=device), None
+        src = (torch.arange(n_out, device=device, dtype=dtype) + 0.5) * (n_in / n_out) - 0.5
+        src = src.clamp_min(0)
+        lo = src.long().clamp_max(n_in - 1)
+        hi = (lo + 1).clamp_max(n_in - 1)
+        return torch.cat([lo, hi]), src - lo.to(dtype)
 
 
 def flatten_pixels(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
