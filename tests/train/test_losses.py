@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rch.train import ohem_keep, poly_lr, seg_cross_entropy
 
@@ -79,6 +81,33 @@ def test_ohem_reads_nothing_back():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(keep.cpu(), naive_ohem(logits, labels, 0.7, 20, 255))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)),
+    classes=st.integers(2, 4),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    min_kept=st.integers(0, 60),
+    thresh=st.floats(0.0, 1.0, width=32),  # the same threshold in float32 as in Python
+    coarse=st.booleans(),
+)
+def test_ohem_matches_naive_on_random_cases(
+    seed, shape, classes, ignore_frac, min_kept, thresh, coarse
+):
+    """Any shape, any share of ignored pixels (all of them too), ``min_kept`` below, at and
+    above the number of valid pixels, and (``coarse``) logits on a grid, so that many
+    probabilities tie."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, w = shape
+    logits = torch.randn(b, classes, h, w, generator=g) * 3
+    if coarse:
+        logits = logits.round()
+    labels = torch.randint(0, classes, (b, h, w), generator=g)
+    labels[torch.rand(b, h, w, generator=g) < ignore_frac] = 255
+    keep = ohem_keep(logits, labels, thresh, min_kept, 255)
+    assert torch.equal(keep, naive_ohem(logits, labels, thresh, min_kept, 255))
 
 
 def test_ohem_cross_entropy_averages_over_kept_pixels():

@@ -37,14 +37,15 @@ def ohem_keep(
         count = min(min_kept + 1, prob.numel())
         if min_kept <= 0 or count == 0:
             return valid & (prob < thresh)
-        # The min(min_kept, n_valid - 1)-th smallest valid probability, found without reading
-        # n_valid back to the host (on a GPU a synchronisation, which would leave the GPU idle
-        # while the rest of the step is launched): among the min_kept + 1 smallest values, with
-        # ignored pixels set to 2 (above any probability), the largest valid one.
-        smallest = torch.topk(
-            torch.where(valid, prob, 2.0).flatten(), count, largest=False, sorted=False
-        ).values
-        kth = torch.where(smallest < 2, smallest, -1.0).amax()  # -1: no valid pixel at all
+        # The min(min_kept, n_valid - 1)-th smallest valid probability (0-based), found without
+        # reading n_valid back to the host (on a GPU a synchronisation, which would leave the
+        # GPU idle while the rest of the step is launched). With ignored pixels set to 2, above
+        # any probability, the min_kept-th smallest value is that one when it is valid; when
+        # it is not, fewer than min_kept + 1 pixels are valid and it is the largest valid one.
+        flat = torch.where(valid, prob, 2.0).flatten()
+        kth = torch.kthvalue(flat, count).values
+        largest = torch.where(flat < 2, flat, -1.0).amax()  # -1: no valid pixel at all
+        kth = torch.where(kth < 2, kth, largest)
         return valid & (prob < kth.clamp_min(thresh))
 
 
