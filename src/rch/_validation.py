@@ -18,7 +18,6 @@ __all__ = [
     "check_tensor",
     "finite_flag",
     "label_outliers",
-    "labels_flag",
     "run_checks",
 ]
 
@@ -127,12 +126,6 @@ def label_outliers(labels: Tensor, num_classes: int, ignore_index: int) -> Tenso
     """Bool mask of the labels that are neither in ``[0, num_classes)`` nor ``ignore_index``."""
     with torch.no_grad():
         return ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-
-
-def labels_flag(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """0-dim bool tensor, true when every label is in ``[0, num_classes)`` or ``ignore_index``;
-    nothing is read back to the host."""
-    return ~label_outliers(labels, num_classes, ignore_index).any()
 
 
 def run_checks(checks: Sequence[PendingCheck]) -> None:

@@ -24,7 +24,6 @@ from ._validation import (
     check_tensor,
     finite_flag,
     label_outliers,
-    labels_flag,
     run_checks,
 )
 from .distributed import all_reduce_sum
@@ -104,9 +103,10 @@ def _validate(
     prototype_source: str,
     loss_mask: Tensor | None,
     validate: bool,
-) -> list[PendingCheck]:
+) -> tuple[list[PendingCheck], Tensor | None]:
     """Check types, shapes and options now; return the value checks (when ``validate``),
-    to be read back together with the loss's own (see :func:`run_checks`)."""
+    to be read back together with the loss's own (see :func:`run_checks`), and the mask of
+    labels out of range (when ``validate``; the loss treats them as ignored until then)."""
     check_option("formulation", formulation, FORMULATIONS)
     check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
     check_positive("tau", tau)
@@ -152,17 +152,16 @@ def _validate(
                 f"loss_mask must be a bool tensor of the labels' shape {tuple(labels.shape)}; "
                 f"got {loss_mask.dtype} of shape {tuple(loss_mask.shape)}."
             )
-    if validate:
-        # embeddings: checked in _rch_loss, from the row norms that the loss computes anyway
-        checks += [
-            (
-                labels_flag(labels, k, ignore_index),
-                lambda: check_labels("labels", labels, k, ignore_index),
-            ),
-            (finite_flag(seg_logits), lambda: check_finite("seg_logits", seg_logits)),
-            (finite_flag(prototypes), lambda: check_finite("prototypes", prototypes)),
-        ]
-    return checks
+    if not validate:
+        return checks, None
+    outliers = label_outliers(labels, k, ignore_index)
+    # embeddings: checked in _rch_loss, from the row norms that the loss computes anyway
+    checks += [
+        (~outliers.any(), lambda: check_labels("labels", labels, k, ignore_index)),
+        (finite_flag(seg_logits), lambda: check_finite("seg_logits", seg_logits)),
+        (finite_flag(prototypes), lambda: check_finite("prototypes", prototypes)),
+    ]
+    return checks, outliers
 
 
 def _mean_ce_at_labels(
@@ -278,7 +277,7 @@ def rch_loss(
         >>> round(out.loss.item(), 4), out.prototypes.shape, bool(emb.grad.abs().sum() > 0)
         (3.53, torch.Size([3, 8]), True)
     """
-    checks = _validate(
+    checks, outliers = _validate(
         embeddings,
         seg_logits,
         labels,
@@ -298,6 +297,9 @@ def rch_loss(
             f"is fixed (alpha = tau = {tau}). Leave alpha=None."
         )
     dtype = work_dtype(embeddings)
+    labels = labels.to(torch.int64)
+    if outliers is not None:  # ignored until the checks are read back: see _rch_loss
+        labels = labels.masked_fill(outliers, ignore_index)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         step = _Step(
             formulation=formulation,
@@ -314,7 +316,7 @@ def rch_loss(
         return _rch_loss(
             embeddings,  # cast by the flattening copy: see flatten_pixels
             seg_logits.detach(),  # cast after the resize: see resize_logits
-            labels.to(torch.int64),
+            labels,
             prototypes.to(dtype),
             step,
             loss_mask,
@@ -339,16 +341,16 @@ def _rch_loss(
     On a GPU that read waits for the device to catch up. Made first, it would leave the GPU
     idle while the host launches the loss's many small kernels one by one; made last, they
     are launched while the GPU still runs the network's forward pass. Until then, labels out
-    of range count as ignored, so that nothing indexes out of bounds (on a GPU, a device-side
-    assert that ends the process); NaN and Inf merely propagate. A failed check raises from
-    this call as before, and nothing it computed is returned.
+    of range count as ignored (:func:`rch_loss` has set them to ``ignore_index``), so that
+    nothing indexes out of bounds (on a GPU, a device-side assert that ends the process); NaN
+    and Inf merely propagate. A failed check raises from this call as before, and nothing it
+    computed is returned.
     """
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
     if checks is not None:
         finite = finite_flag(embeddings)
         checks = [*checks, (finite, lambda: check_finite("embeddings", embeddings))]
-        labels = labels.masked_fill(label_outliers(labels, k, step.ignore_index), step.ignore_index)
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w), dtype)
     # any class stands in for an ignored pixel's target: its margin and loss are zero
