@@ -384,10 +384,15 @@ class _PaperLoss(torch.autograd.Function):
         bag_rows = torch.cat(sources) if sources else None
         column = torch.arange(t, device=anchor.device)
         ones = units.new_ones(blocks.size, 1)
+        classes = None  # the prototypes' bag index, K entries a row, built once for all blocks
+        if bagged:
+            k = proto_units.shape[0]
+            per_bag = min(max(1, BAG_INDEX_BYTES // (k * 8)), blocks.size)
+            classes = torch.arange(k, device=units.device).repeat(per_bag, 1)
         for part in blocks.slices:
             n = part.stop - part.start
-            if bagged:
-                _bag_prototypes(d_units[part], proto_units, d_cos[part])
+            if classes is not None:
+                _bag_prototypes(d_units[part], proto_units, d_cos[part], classes)
             extra = None if centres is None else centres[2][part]
             du = _unit_backward_(d_units[part], units[part], norms[part], extra)
             if bag_rows is not None:
@@ -436,12 +441,11 @@ class _PaperLoss(torch.autograd.Function):
         return d_embeddings, (d_prototypes if need_protos else None), None
 
 
-def _bag_prototypes(out: Tensor, proto_units: Tensor, d_cos: Tensor) -> None:
+def _bag_prototypes(out: Tensor, proto_units: Tensor, d_cos: Tensor, classes: Tensor) -> None:
     """``out = d_cos @ proto_units`` without BLAS: per row, the K prototype rows weighted by
-    that row's ``d cos`` (an ``embedding_bag``), in sub-blocks of :data:`BAG_INDEX_BYTES`."""
-    n, k = d_cos.shape
-    rows = max(1, BAG_INDEX_BYTES // (k * 8))
-    classes = torch.arange(k, device=d_cos.device).repeat(min(rows, n), 1)
+    that row's ``d cos`` (an ``embedding_bag``), in sub-blocks of as many rows as
+    ``classes`` (``(rows, K)``, each row ``0 ... K-1``; see :data:`BAG_INDEX_BYTES`) has."""
+    n, rows = d_cos.shape[0], classes.shape[0]
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         bag = F.embedding_bag(
