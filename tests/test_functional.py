@@ -60,13 +60,13 @@ def test_paper_in_many_row_blocks_matches_naive_loop(monkeypatch, compact):
     With blocks of 64 rows, 286 pixels make five, the last one ragged; both backward paths
     (the misclassified rows compacted, as on a CPU, or every row, as on a GPU) agree with
     the naive loop."""
-    from rch import _fused, stats
+    from rch import _fused
 
-    monkeypatch.setattr(_fused, "CHUNK_BYTES", 1)  # the minimum: 64 rows per block
-    monkeypatch.setattr(_fused, "DEVICE_CHUNK_BYTES", 1)
-    if not compact:  # and no BLAS in the backward pass, as on a GPU
-        monkeypatch.setattr(stats, "COMPACT_ON", ())
-        monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    if compact:
+        monkeypatch.setattr(_fused, "CHUNK_BYTES", 1)  # the minimum: 64 rows per block
+        monkeypatch.setattr(_fused, "DEVICE_CHUNK_BYTES", 1)
+    else:  # the whole GPU path: no compaction, no BLAS in the backward pass, one-row bags
+        use_gpu_path(monkeypatch, tiny_blocks=True)
     c = make_case(seed=41, batch=2, dim=5, classes=4, size=(11, 13), label_size=(22, 26))
     out = rch_loss(c.embeddings, c.seg_logits, c.labels, c.prototypes)
     ref_fn, ref_fp, ref_mu = naive_paper(c.embeddings, c.seg_logits, c.labels, c.prototypes)
