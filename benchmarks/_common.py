@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from rch import _fused, stats
 
 
 def run_meta(argv: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -34,3 +38,21 @@ def write_results(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     print(f"written: {path}")
+
+
+@contextlib.contextmanager
+def gpu_path(chunk_bytes: int = _fused.DEVICE_CHUNK_BYTES) -> Iterator[None]:
+    """The loss's device switches as on a GPU, with blocks of ``chunk_bytes`` (default: the
+    GPU's), on the CPU: every code path that the switches choose runs as it would on a GPU."""
+    names = ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON", "BLOCKED_PREDICTION_ON")
+    saved = {name: getattr(stats, name) for name in names}
+    saved_fused = (_fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES)
+    for name in names:
+        setattr(stats, name, ())
+    _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = (), chunk_bytes
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(stats, name, value)
+        _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = saved_fused

@@ -24,34 +24,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_meta, write_results
-from rch import _fused, stats
+from _common import gpu_path, run_meta, write_results
+from rch import _fused
 from rch.functional import rch_loss
 from rch.loss import Formulation
 
 ONE_BLOCK = 1 << 62
 """A block budget larger than any batch: all pixels in one block."""
-
-
-@contextlib.contextmanager
-def gpu_path(chunk_bytes: int) -> Iterator[None]:
-    """The loss's device switches as on a GPU, with blocks of ``chunk_bytes``, on the CPU."""
-    saved = (stats.COMPACT_ON, stats.BINCOUNT_ON, stats.SORTED_SUMS_ON)
-    saved_fused = (_fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES)
-    stats.COMPACT_ON = stats.BINCOUNT_ON = stats.SORTED_SUMS_ON = ()
-    _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = (), chunk_bytes
-    try:
-        yield
-    finally:
-        stats.COMPACT_ON, stats.BINCOUNT_ON, stats.SORTED_SUMS_ON = saved
-        _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = saved_fused
 
 
 def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:

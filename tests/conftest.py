@@ -76,12 +76,13 @@ def case() -> Case:
 
 def use_gpu_path(monkeypatch: pytest.MonkeyPatch, *, tiny_blocks: bool = False) -> None:
     """Switch the loss to its GPU code path on whatever device the tests run: no host
-    synchronisation (``rch.stats.COMPACT_ON``, ``BINCOUNT_ON``, ``SORTED_SUMS_ON``) and no
-    BLAS in the backward pass (``rch._fused.BLAS_IN_BACKWARD_ON``). ``tiny_blocks``: also
+    synchronisation (``rch.stats.COMPACT_ON``, ``BINCOUNT_ON``, ``SORTED_SUMS_ON``), the
+    prediction from native reductions (``BLOCKED_PREDICTION_ON``) and no BLAS in the backward
+    pass (``rch._fused.BLAS_IN_BACKWARD_ON``). ``tiny_blocks``: also
     blocks of 64 rows and bags of one row, so that every blockwise loop runs many times."""
     from rch import _fused, stats
 
-    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON"):
+    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON", "BLOCKED_PREDICTION_ON"):
         monkeypatch.setattr(stats, name, ())
     monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
     if tiny_blocks:

@@ -90,6 +90,28 @@ def test_train_cost_quick_checks_inference_equality(tmp_path: Path):
     assert res["memory_ratio_without_files"] == without
 
 
+def test_step_ops_counts_what_rch_adds_to_a_step_on_the_gpu_path(tmp_path: Path):
+    """RCH adds launches to every phase but the optimiser's step (four more parameters in
+    one foreach update), and reads the host once with its value checks, never without."""
+    out = tmp_path / "ops.json"
+    script = str(ROOT / "benchmarks" / "step_ops.py")
+    cmd = [sys.executable, script, "--quick", "--networks", "deeplabv3_resnet50", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["results"]["deeplabv3_resnet50"]
+    assert set(rows) == {"baseline", "rch", "rch, no checks"}
+    base, rch, unchecked = rows["baseline"], rows["rch"], rows["rch, no checks"]
+    for phase in ("forward", "backward"):
+        assert rch[phase]["launches"] > base[phase]["launches"]
+    assert rch["optimizer"] == base["optimizer"]
+    assert [r["step"]["reads"] for r in (base, rch, unchecked)] == [0, 1, 0]
+    assert 0 < unchecked["added_launches"] < rch["added_launches"]
+    for row in rows.values():
+        for phase, counts in row["by_operator"].items():
+            assert sum(counts.values()) == row[phase]["ops"] >= row[phase]["launches"]
+    assert "deeplabv3_resnet50" in run.stdout
+
+
 def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     from .data import trees
 

@@ -7,6 +7,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from rch import _fused
 from rch.functional import rch_loss
 
 from ._reference import naive_official, naive_paper
@@ -415,14 +416,17 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
 
 
 class _AtenOps(TorchDispatchMode):
-    """Records the name of every aten operator that runs."""
+    """Records the name of every aten operator that runs (``computed``: those that are not
+    views, each a kernel launch on a GPU but for allocations)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self.computed = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.overloadpacket.__name__)
+        self.computed += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -466,6 +470,34 @@ def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
     assert "mm" in forward
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+OPS_PER_BLOCK = 24
+"""Operators that one more block of rows adds to the GPU path's forward and backward pass:
+3 in the forward pass (gather, product, sum), 12 in the backward's main pass (two bags, the
+normalisation's backward, the centres' scatter) and 9 in its pass over the centres."""
+
+
+def test_gpu_path_adds_few_operators_per_block_of_rows(monkeypatch):
+    """On a GPU every operator is a kernel launch, and the loss works through blocks of rows;
+    what does not depend on the block (the normalisation's factors, the bags' indices and
+    weights) is made once per pass, so that each block adds only its own work."""
+    use_gpu_path(monkeypatch)
+    c = make_case(seed=44, batch=2, dim=8, classes=4, size=(16, 16))  # 512 rows
+
+    def count(budget: int) -> tuple[int, torch.Tensor]:
+        monkeypatch.setattr(_fused, "CHUNK_BYTES", budget)
+        emb = c.embeddings.detach().clone().requires_grad_(True)
+        with _AtenOps() as spy:
+            out = rch_loss(emb, c.seg_logits, c.labels, c.prototypes)
+            out.loss.backward()
+        return spy.computed, out.loss
+
+    one, loss_one = count(1 << 30)
+    # blocks of 128 rows of 2 centres of width 8
+    four, loss_four = count(128 * 2 * 8 * c.embeddings.element_size())
+    torch.testing.assert_close(loss_four, loss_one, **TOL)
+    assert (four - one) / 3 <= OPS_PER_BLOCK, (four - one) / 3
 
 
 def test_gpu_path_makes_the_backward_products_only_when_a_backward_pass_can_follow(

@@ -119,13 +119,15 @@ def test_loss_is_finite_with_finite_gradients(spec):
     weights=st.tuples(st.floats(-2.0, 2.0), st.floats(-2.0, 2.0)),
     label_scale=st.sampled_from([1, 2]),
     masked=st.booleans(),
+    tiny=st.booleans(),
 )
 def test_gpu_path_gives_the_cpu_paths_loss_and_gradients(
-    spec, terms, update, weights, label_scale, masked
+    spec, terms, update, weights, label_scale, masked, tiny
 ):
     """The GPU path differs from the CPU's in how it computes, not in what: no compaction,
     no ``bincount``, scattered sums, and no BLAS in the backward pass (the prototypes'
-    products made in the forward pass per term, the embeddings' as bags)."""
+    products made in the forward pass per term, the embeddings' as bags), in blocks of its
+    own size or (``tiny``) of 64 rows with one-row bags."""
     h, w = spec["size"]
     c = make_case(**spec, label_size=(h * label_scale, w * label_scale))
     g = torch.Generator().manual_seed(1)
@@ -146,7 +148,7 @@ def test_gpu_path_gives_the_cpu_paths_loss_and_gradients(
 
     want = run()
     with pytest.MonkeyPatch.context() as patch:
-        use_gpu_path(patch, tiny_blocks=True)
+        use_gpu_path(patch, tiny_blocks=tiny)
         got = run()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -79,14 +79,13 @@ BAG_INDEX_BYTES = 1 << 21
 over sub-blocks whose index stays within this many bytes."""
 
 
-def _term_grads(
-    scale: Tensor, exp_true: Tensor, total: Tensor, margin: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def _term_grads(scale: Tensor, shifted: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
     """One cross-entropy term's gradient in its logits, ``softmax(z) - onehot``, scaled per
     pixel by ``scale``: ``(d_true, d_other)``, with ``d z_true = d_true`` and ``d z_j =
-    E_j d_other`` off the true class (``E`` the shifted exponentials of the logits)."""
-    shifted = exp_true if margin is None else exp_true * torch.exp(-margin)
-    return scale * (shifted / total - 1), scale / total
+    E_j d_other`` off the true class (``E`` the shifted exponentials of the logits,
+    ``shifted`` the true class's with its margin, ``total`` their sum)."""
+    d_other = scale / total
+    return shifted * d_other - scale, d_other
 
 
 def _cosine_grad(
@@ -138,23 +137,53 @@ def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _unit_factors(norms: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``u = x / s``, ``s = |x| + eps``: ``1 / s`` and ``1 / |x|`` (0 for a zero
+    row), the factors of :func:`_unit_backward_`, made once for all rows."""
+    tiny = torch.finfo(norms.dtype).tiny  # 1 / tiny is finite
+    inv_norms = torch.where(norms > 0, norms.clamp_min(tiny).reciprocal(), 0.0)
+    return (norms + EPS).reciprocal(), inv_norms
+
+
 def _unit_backward_(
-    grad: Tensor, units: Tensor, norms: Tensor, dot_extra: Tensor | None = None
+    grad: Tensor,
+    units: Tensor,
+    factors: tuple[Tensor, Tensor],
+    dot_extra: Tensor | None = None,
 ) -> Tensor:
     """Gradient through ``u = x / (|x| + eps)``, computed in place in ``grad`` and returned.
 
-    ``dx = (du - u (u . du) s / |x|) / s`` with ``s = |x| + eps``; for a zero row
-    (``u = 0``) it is ``du / s``. ``dot_extra`` (per row) is added to ``u . du``: the map is
-    linear in ``du``, so the part of ``du`` whose product with ``u`` is already known can be
-    added after the call, as ``part / s``, with its product passed here.
+    ``dx = du / s - u (u . du) / |x|`` with ``s = |x| + eps``; for a zero row (``u = 0``) it
+    is ``du / s``. ``factors``: the rows' ``(1 / s, 1 / |x|)`` (:func:`_unit_factors`).
+    ``dot_extra`` (per row) is added to ``u . du``: the map is linear in ``du``, so the part
+    of ``du`` whose product with ``u`` is already known can be added after the call, as
+    ``part / s``, with its product passed here.
     """
-    denom = norms + EPS
-    ratio = torch.where(norms > 0, denom / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+    inv_denom, inv_norms = factors
     dot = _dot_rows(units, grad)
     if dot_extra is not None:
         dot += dot_extra
-    grad.addcmul_(units, (dot * ratio).unsqueeze(1), value=-1.0)
-    return grad.div_(denom.unsqueeze(1))
+    grad.mul_(inv_denom.unsqueeze(1))
+    return grad.addcmul_(units, (dot * inv_norms).unsqueeze(1), value=-1.0)
+
+
+def _bag(rows: Tensor, index: Tensor, weights: Tensor | None, offsets: Tensor) -> Tensor:
+    """``out[i] = sum_j weights[i, j] rows[index[i, j]]`` for contiguous ``(n, w)`` ``index``
+    and ``weights`` (``None``: all 1): one ``embedding_bag`` over their flat views.
+    ``offsets`` (``0, w, 2w, ...``, at least ``n`` of them) is made once by the caller; the
+    2-D form of ``embedding_bag`` makes it again at every call."""
+    flat_weights = None if weights is None else weights.reshape(-1)
+    bags = offsets[: index.shape[0]]
+    return F.embedding_bag(
+        index.reshape(-1), rows, bags, mode="sum", per_sample_weights=flat_weights
+    )
+
+
+def _offsets(rows: int, index: Tensor) -> Tensor:
+    """The offsets of :func:`_bag` for up to ``rows`` bags of ``index``'s width, in its
+    dtype (``embedding_bag`` takes int32 or int64 indices and offsets of the same dtype)."""
+    width = index.shape[1]
+    return torch.arange(0, rows * width, width, dtype=index.dtype, device=index.device)
 
 
 class _PaperLoss(torch.autograd.Function):
@@ -166,9 +195,11 @@ class _PaperLoss(torch.autograd.Function):
         # the flat rows are made here, not by the caller, so that nothing else holds them
         rows = flatten_pixels(embeddings, plan.dtype)
         norms = torch.linalg.vector_norm(rows, dim=1)
-        protos, present, counts = prototypes.clone(), None, None
+        present, counts = None, None
         members = None if plan.members is None else torch.where(plan.members, sets.label, k)
-        if members is not None:
+        if members is None:
+            protos = prototypes.clone()  # an output of its own, not the input
+        else:
             # the member rows' per-class sums; the spare bin k takes the non-members
             sums, int_counts = segment_sum(rows, members, k)
             counts = int_counts.to(rows.dtype)
@@ -190,14 +221,16 @@ class _PaperLoss(torch.autograd.Function):
         cosines = units @ proto_units.T
 
         bins = plan.num_images * k
-        anchor = torch.where(sets.valid, sets.image * k + sets.label, bins)
+        first_bin = sets.image * k  # each image's bin of class 0
+        anchor = torch.where(sets.valid, first_bin + sets.label, bins)
         # each misclassified pixel is an FN of (image, label) and an FP of (image, prediction);
         # every other pixel is indexed to the spare bin, whose count is zeroed below
         errors = {
-            name: torch.where(sets.wrong, sets.image * k + cls, bins)
+            name: torch.where(sets.wrong, first_bin + cls, bins)
             for name, on, cls in (("fn", plan.fn_term, sets.label), ("fp", plan.fp_term, sets.pred))
             if on
         }
+        del first_bin
         # the misclassified rows, for the backward pass; on a GPU all rows (the others read the
         # spare bin): the compaction would read the count back to the host, a synchronisation
         wrong = sets.wrong.nonzero().squeeze(1) if units.device.type in stats.COMPACT_ON else None
@@ -225,9 +258,9 @@ class _PaperLoss(torch.autograd.Function):
                 del gathered
             del blocks  # its scratch block is not held through the rest of the pass
         margins: dict[str, Tensor | None] = {"fn": None, "fp": None}
-        for j, name in enumerate(names):
-            sign = -1.0 if name == "fn" else 1.0
-            margins[name] = plan.weight * torch.where(has[:, j], 1.0 + sign * dots[:, j], 0.0)
+        for j, name in enumerate(names):  # FN compensation 1 - dot, FP penalty 1 + dot
+            shift = 1.0 - dots[:, j] if name == "fn" else 1.0 + dots[:, j]
+            margins[name] = plan.weight * torch.where(has[:, j], shift, 0.0)
 
         # Both cross-entropies from one exponential: the margins only lower the true-class
         # logit (m >= 0), so with E = exp(cos / tau - max) and S_other the sum of E off the
@@ -240,16 +273,19 @@ class _PaperLoss(torch.autograd.Function):
         exp_other = (exps.sum(1) - exp_true).clamp_min(0)
         valid = plan.anchors
         n_valid = valid.sum().clamp_min(1)  # a tensor: no host synchronisation
-        losses, totals = [], []
+        lead = true_logit - peak
+        losses, totals, shifts = [], [], []
         for name in ("fn", "fp"):
             margin = margins[name]
             shifted = exp_true if margin is None else exp_true * torch.exp(-margin)
             total = exp_other + shifted
-            nll = torch.log(total) - (true_logit - peak)
+            nll = torch.log(total) - lead
             if margin is not None:
                 nll = nll + margin
             losses.append(torch.where(valid, nll, 0.0).sum() / n_valid)
             totals.append(total)
+            shifts.append(shifted)
+        del margins, lead, margin  # the backward pass reads the shifted exponentials instead
         products = torch.empty(0)
         if units.device.type not in BLAS_IN_BACKWARD_ON and plan.backward:
             # the prototypes' product of each term, per unit of its output's gradient: here, on
@@ -257,8 +293,8 @@ class _PaperLoss(torch.autograd.Function):
             scale = valid.to(units.dtype) / n_valid
             products = units.new_empty(2, k, units.shape[1])
             d_cos = torch.empty_like(exps)
-            for j, name in enumerate(("fn", "fp")):
-                terms = _term_grads(scale, exp_true, totals[j], margins[name])
+            for j in range(2):
+                terms = _term_grads(scale, shifts[j], totals[j])
                 _cosine_grad(exps, plan.target[:, None], plan.tau, *terms, out=d_cos)
                 torch.mm(d_cos.T, units, out=products[j])
             del d_cos
@@ -280,11 +316,10 @@ class _PaperLoss(torch.autograd.Function):
             proto_norms,
             anchor,
             exps,
-            exp_true,
             totals[0],
             totals[1],
-            margins["fn"] if margins["fn"] is not None else torch.empty(0),
-            margins["fp"] if margins["fp"] is not None else torch.empty(0),
+            shifts[0],
+            shifts[1],
             present if present is not None else torch.empty(0),
             counts if counts is not None else torch.empty(0),
             n_valid,
@@ -307,11 +342,10 @@ class _PaperLoss(torch.autograd.Function):
             proto_norms,
             anchor,
             exps,
-            exp_true,
             total_fn,
             total_fp,
-            margin_fn,
-            margin_fp,
+            shifted_fn,
+            shifted_fp,
             present,
             counts,
             n_valid,
@@ -320,8 +354,8 @@ class _PaperLoss(torch.autograd.Function):
         plan: PaperPlan = ctx.plan
         weight = plan.anchors.to(units.dtype) / n_valid
         terms = [
-            _term_grads(weight * g, exp_true, total, margin if margin.numel() else None)
-            for g, total, margin in ((g_fn, total_fn, margin_fn), (g_fp, total_fp, margin_fp))
+            _term_grads(weight * g, shifted, total)
+            for g, total, shifted in ((g_fn, total_fn, shifted_fn), (g_fp, total_fp, shifted_fp))
         ]
         d_true = [term[0] for term in terms]
         d_cos = _cosine_grad(
@@ -340,7 +374,7 @@ class _PaperLoss(torch.autograd.Function):
             d_units = d_cos @ proto_units
             d_proto_units = d_cos.T @ units
         # the prototypes' gradient first: the pass below adds the gradient of the TP sums
-        d_protos = _unit_backward_(d_proto_units, proto_units, proto_norms)
+        d_protos = _unit_backward_(d_proto_units, proto_units, _unit_factors(proto_norms))
         d_protos = d_protos + g_protos
         d_prototypes, padded, members = d_protos, None, ctx.members
         if members is not None:
@@ -359,78 +393,86 @@ class _PaperLoss(torch.autograd.Function):
         # weighted sums of anchors that flow back into the pixels that formed each centre.
         # The centres go through the normalisation too; the map is linear, and their product
         # with the pixel's unit row is the forward pass's dot, so it enters as dot_extra.
+        # Whatever is per row and not per block (the normalisation's factors, the bag's
+        # indices and weights: (N, T + 1) each) is made once, not at every block: on a GPU
+        # each operator is a kernel launch however few rows it has.
         names, table, sizes, has = ctx.names, ctx.table, ctx.sizes, ctx.has
         t = len(names)
         blocks = _Blocks(units, t)
+        factors = _unit_factors(norms)
         # the bag's table: the T centres of bin b in rows b*T ... b*T+T-1, then the TP-sum
-        # gradient of class c in row (bins + 1) * T + c; its indices and weights are built
-        # block by block (a whole (N, T + 1) index would weigh on the peak at small D)
+        # gradient of class c in row (bins + 1) * T + c
         sources: list[Tensor] = []
-        # with the FN/FP terms: d dot per anchor, 1 / s per row, d dot . dot per row
-        centres: tuple[Tensor, Tensor, Tensor] | None = None
-        back = None
+        indices: list[Tensor] = []
+        weights: list[Tensor] = []
+        d_dot, centre_dots, back = None, None, None
         if table is not None:
             # margin = w (1 + sign dot), z_true -= margin  =>  d dot = -w sign d z_true
             signed = {"fn": plan.weight * d_true[0], "fp": -plan.weight * d_true[1]}
             d_dot = torch.stack([signed[name] for name in names], 1).where(has, 0.0)
-            inv_denom = (norms + EPS).reciprocal_().unsqueeze(1)
-            centres = d_dot, inv_denom, (d_dot * ctx.dots).sum(1)
+            centre_dots = (d_dot * ctx.dots).sum(1)
             back = units.new_zeros(table.shape[0], t * units.shape[1])
             sources.append(table.view(-1, units.shape[1]))
-        tp_index = members if padded is not None else None  # class rows of the TP-sum gradient
-        if padded is not None:
+            column = torch.arange(t, dtype=torch.int32, device=anchor.device)
+            indices.append(anchor.to(torch.int32).unsqueeze(1) * t + column)
+            weights.append(d_dot * factors[0].unsqueeze(1))
+        if padded is not None and members is not None:  # class rows of the TP-sum gradient
+            offset = sources[0].shape[0] if sources else 0
+            indices.append((members.to(torch.int32) + offset).unsqueeze(1))
+            weights.append(units.new_ones(units.shape[0], 1))
             sources.append(padded)
-        offset = sources[0].shape[0] if table is not None else 0
         bag_rows = torch.cat(sources) if sources else None
-        column = torch.arange(t, device=anchor.device)
-        ones = units.new_ones(blocks.size, 1)
-        classes = None  # the prototypes' bag index, K entries a row, built once for all blocks
+        bag_index = torch.cat(indices, 1) if indices else None
+        bag_weights = torch.cat(weights, 1) if weights else None
+        del indices, weights
+        offsets = None if bag_index is None else _offsets(blocks.size, bag_index)
+        # the prototypes' bag index, K entries a row, and its offsets, made once for all blocks
+        classes: tuple[Tensor, Tensor] | None = None
         if bagged:
             k = proto_units.shape[0]
             per_bag = min(max(1, BAG_INDEX_BYTES // (k * 8)), blocks.size)
-            classes = torch.arange(k, device=units.device).repeat(per_bag, 1)
+            rows_of_classes = torch.arange(k, dtype=torch.int32, device=units.device)
+            rows_of_classes = rows_of_classes.repeat(per_bag, 1)
+            classes = (rows_of_classes, _offsets(per_bag, rows_of_classes))
+        # each block's temporaries are freed within its statement, before the next is made
         for part in blocks.slices:
             n = part.stop - part.start
-            if classes is not None:
-                _bag_prototypes(d_units[part], proto_units, d_cos[part], classes)
-            extra = None if centres is None else centres[2][part]
-            du = _unit_backward_(d_units[part], units[part], norms[part], extra)
-            if bag_rows is not None:
-                index, weight = [], []
-                if centres is not None:
-                    index.append((anchor[part] * t).unsqueeze(1) + column)
-                    weight.append(centres[0][part] * centres[1][part])
-                if tp_index is not None:
-                    index.append((tp_index[part] + offset).unsqueeze(1))
-                    weight.append(ones[:n])
-                du += F.embedding_bag(
-                    torch.cat(index, 1),
-                    bag_rows,
-                    mode="sum",
-                    per_sample_weights=torch.cat(weight, 1),
+            if classes is not None:  # the embeddings' gradient through the cosines, as a bag
+                d_units[part] = _bag_prototypes(proto_units, d_cos[part], *classes)
+            extra = None if centre_dots is None else centre_dots[part]
+            rows_factors = (factors[0][part], factors[1][part])
+            du = _unit_backward_(d_units[part], units[part], rows_factors, extra)
+            if bag_rows is not None and bag_index is not None and offsets is not None:
+                bag_part = None if bag_weights is None else bag_weights[part]
+                du += _bag(bag_rows, bag_index[part], bag_part, offsets)
+            if back is not None and d_dot is not None:
+                spread = torch.mul(
+                    units[part].unsqueeze(1), d_dot[part].unsqueeze(2), out=blocks.buffer[:n]
                 )
-            if back is not None and centres is not None:
-                dd = centres[0][part]
-                spread = torch.mul(units[part].unsqueeze(1), dd.unsqueeze(2), out=blocks.buffer[:n])
                 back.index_add_(0, anchor[part], spread.view(n, -1))
+        del bag_rows, bag_index, bag_weights
         if back is not None and table is not None:
             back = back.view(table.shape[0], t, -1)
             back /= sizes.clamp_min(1).unsqueeze(2)  # the spare bin has size 0 and stays 0
             # the centres' own gradient, into the misclassified pixels that formed them, through
             # the unit normalisation of those pixels
             for part in blocks.slices if ctx.all_rows else ():  # every row, as in the forward
-                # pass: the correctly classified ones read the spare bin, which stays zero
+                # pass: the correctly classified ones read the spare bin, which stays zero; the
+                # block is gathered into the scratch buffer (a bag, one operator fewer, would
+                # be a fresh block on top of the backward pass's peak)
                 block = blocks.gather(back[:, 0], ctx.errors[0], part)
                 for j in range(1, t):
                     block += back[:, j].index_select(0, ctx.errors[j][part])
-                d_units[part] += _unit_backward_(block, units[part], norms[part])
+                rows_factors = (factors[0][part], factors[1][part])
+                d_units[part].add_(_unit_backward_(block, units[part], rows_factors))
             for start in range(0, wrong.shape[0], blocks.size) if not ctx.all_rows else ():
                 rows_at = wrong[start : start + blocks.size]
                 n = rows_at.shape[0]
                 block = blocks.gather(back[:, 0], ctx.errors[0][rows_at], slice(0, n))
                 for j in range(1, t):
                     block += back[:, j].index_select(0, ctx.errors[j][rows_at])
-                _unit_backward_(block, units.index_select(0, rows_at), norms[rows_at])
+                rows_factors = (factors[0][rows_at], factors[1][rows_at])
+                _unit_backward_(block, units.index_select(0, rows_at), rows_factors)
                 d_units.index_add_(0, rows_at, block)
         need_rows, need_protos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_embeddings = None
@@ -441,20 +483,19 @@ class _PaperLoss(torch.autograd.Function):
         return d_embeddings, (d_prototypes if need_protos else None), None
 
 
-def _bag_prototypes(out: Tensor, proto_units: Tensor, d_cos: Tensor, classes: Tensor) -> None:
-    """``out = d_cos @ proto_units`` without BLAS: per row, the K prototype rows weighted by
-    that row's ``d cos`` (an ``embedding_bag``), in sub-blocks of as many rows as
-    ``classes`` (``(rows, K)``, each row ``0 ... K-1``; see :data:`BAG_INDEX_BYTES`) has."""
+def _bag_prototypes(proto_units: Tensor, d_cos: Tensor, classes: Tensor, offsets: Tensor) -> Tensor:
+    """``d_cos @ proto_units`` without BLAS: per row, the K prototype rows weighted by that
+    row's ``d cos`` (an ``embedding_bag``), in sub-blocks of as many rows as ``classes``
+    (``(rows, K)``, each row ``0 ... K-1``; see :data:`BAG_INDEX_BYTES`) has; ``offsets``:
+    :func:`_offsets` for them."""
     n, rows = d_cos.shape[0], classes.shape[0]
+    if n <= rows:
+        return _bag(proto_units, classes[:n], d_cos, offsets)
+    out = d_cos.new_empty(n, proto_units.shape[1])
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        bag = F.embedding_bag(
-            classes[: stop - start],
-            proto_units,
-            mode="sum",
-            per_sample_weights=d_cos[start:stop],
-        )
-        out[start:stop] = bag
+        out[start:stop] = _bag(proto_units, classes[: stop - start], d_cos[start:stop], offsets)
+    return out
 
 
 def fused_paper_loss(

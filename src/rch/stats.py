@@ -138,6 +138,11 @@ def flatten_pixels(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 PREDICTION_BLOCK = 1 << 19
 """Logit elements per block in :func:`prediction_confidence` (2 MiB of float32)."""
 
+BLOCKED_PREDICTION_ON: tuple[str, ...] = ("cpu",)
+"""Device types where :func:`prediction_confidence` works through blocks of one image's
+pixels; elsewhere (a GPU: fast native reductions, a caching allocator) it calls ``argmax``
+and ``softmax``."""
+
 
 def prediction_confidence(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Argmax class and softmax probability of ``target``, per pixel, from ``(B, K, h, w)`` logits.
@@ -165,7 +170,7 @@ def prediction_confidence(logits: Tensor, target: Tensor) -> tuple[Tensor, Tenso
     """
     b, k, h, w = logits.shape
     n = h * w
-    if logits.device.type != "cpu":  # fast native reductions, a caching allocator
+    if logits.device.type not in BLOCKED_PREDICTION_ON:  # fast native reductions
         pred = logits.argmax(1)
         prob = logits.softmax(1).gather(1, target[:, None])[:, 0]
         return pred, prob
@@ -210,7 +215,7 @@ def pixel_sets(labels: Tensor, pred: Tensor, num_classes: int, ignore_index: int
     flat_labels = labels.reshape(-1)
     flat_pred = pred.reshape(-1)
     valid = flat_labels != ignore_index
-    label = torch.where(valid, flat_labels, torch.full_like(flat_labels, num_classes))
+    label = torch.where(valid, flat_labels, num_classes)
     hits = flat_pred == label
     image = torch.arange(batch, device=labels.device).repeat_interleave(labels[0].numel())
     return PixelSets(label, flat_pred, image, valid, valid & hits, valid & ~hits)

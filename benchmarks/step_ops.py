@@ -1,0 +1,145 @@
+"""How many operators RCH adds to a training step, as a GPU runs it.
+
+On a GPU every operator that computes something is a kernel launch: host time to launch it,
+and a few microseconds of GPU time however small its tensors are. RCH works on small
+tensors (a few thousand to a few tens of thousands of pixels), so what it adds to a step is
+largely set by how many operators it runs. This script counts them without a GPU: one
+training step of each variant (the parts of ``train_cost.train_step``: forward pass and
+losses, backward pass, optimiser step) runs on the CPU with the loss's device switches set
+as on a GPU (``_common.gpu_path``: the same code paths and row blocks), under a dispatch
+mode that records every ATen operator.
+
+Counted per phase: ``ops``, every operator that is not a view; ``launches``, those that
+start a kernel on a GPU (not the allocations ``empty*`` nor ``scalar_tensor``, a CPU
+scalar); ``reads``, the values read back to the host (``_local_scalar_dense``: ``.item()``,
+``bool(t)``, ``int(t)``; on a GPU each one waits for the queue to drain). The variants: the
+baseline, RCH with the value checks (the default) and RCH without them
+(``rch.validate=false``). Each variant's second step is counted (the first fills the
+caches). Default: the paper's crop, 512x1024, batch 2, under bfloat16 autocast (a GPU runs
+float16: the same casts). Prints a table and writes JSON with every operator's count.
+
+Run: ``python benchmarks/step_ops.py [--quick] [--networks ...] [--out ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import gpu_path, run_meta, write_results
+from rch.train.trainer import step_losses
+from train_cost import NETWORKS, amp_dtype, batch, build
+
+NO_KERNEL = frozenset(
+    {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "scalar_tensor"}
+)
+"""Operators that allocate or wrap a host scalar: no kernel launch on a GPU."""
+
+READS = frozenset({"_local_scalar_dense"})
+"""Operators that read a value back to the host."""
+
+VARIANTS = {"baseline": (False, True), "rch": (True, True), "rch, no checks": (True, False)}
+"""Variant: (RCH attached, value checks on)."""
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators that run under it, views excepted, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def summary(ops: Counter[str]) -> dict[str, int]:
+    """``ops``, ``launches`` and ``reads`` of one phase's counts."""
+    total = sum(ops.values())
+    idle = sum(n for name, n in ops.items() if name in NO_KERNEL)
+    return {
+        "ops": total,
+        "launches": total - idle,
+        "reads": sum(n for name, n in ops.items() if name in READS),
+    }
+
+
+def count_step(name: str, rch: bool, validate: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """Per phase, the operators of one training step (the second) of one variant."""
+    cfg, net, opt = build(name, rch, args.crop, args.amp, "cpu", validate)
+    for group in opt.param_groups:  # as on a GPU, where it is the default: one op per update
+        group["foreach"] = True
+    x, y = batch(args, "cpu")
+    amp = amp_dtype(args.amp)
+    phases: dict[str, Counter[str]] = {}
+    for step in range(2):
+        counters = {phase: OpCounter() for phase in ("forward", "backward", "optimizer")}
+        opt.zero_grad(set_to_none=True)
+        with counters["forward"]:
+            parts, _ = step_losses(cfg, net, net.module, x, y, amp)
+        with counters["backward"]:
+            parts["loss"].backward()
+        with counters["optimizer"]:
+            opt.step()
+        if step == 1:
+            phases = {phase: counter.ops for phase, counter in counters.items()}
+    total: Counter[str] = sum(phases.values(), Counter())
+    return {
+        **{phase: summary(ops) for phase, ops in phases.items()},
+        "step": summary(total),
+        "by_operator": {phase: dict(ops.most_common()) for phase, ops in phases.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS))
+    parser.add_argument("--crop", type=int, nargs=2, default=[512, 1024])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--amp", default="bf16", choices=["none", "bf16"])
+    parser.add_argument("--quick", action="store_true", help="a 64x64 crop (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_ops.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.crop = [64, 64]
+    print(
+        f"{'network':<20} {'variant':<16} {'forward':>8} {'backward':>9} {'optimizer':>10} "
+        f"{'launches':>9} {'added':>6} {'reads':>6}"
+    )
+    results: dict[str, dict[str, Any]] = {}
+    with gpu_path():
+        for name in args.networks:
+            results[name] = rows = {}
+            for variant, (rch, validate) in VARIANTS.items():
+                rows[variant] = row = count_step(name, rch, validate, args)
+                base = rows["baseline"]["step"]["launches"]
+                row["added_launches"] = row["step"]["launches"] - base
+                print(
+                    f"{name:<20} {variant:<16} "
+                    + " ".join(
+                        f"{row[phase]['launches']:{width}d}"
+                        for phase, width in (("forward", 8), ("backward", 9), ("optimizer", 10))
+                    )
+                    + f" {row['step']['launches']:9d} {row['added_launches']:6d}"
+                    f" {row['step']['reads']:6d}",
+                    flush=True,
+                )
+    meta = run_meta(
+        argv, device="cpu (GPU code path)", amp=args.amp, crop=args.crop, batch=args.batch
+    )
+    write_results(args.out, {"meta": meta, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
