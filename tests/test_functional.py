@@ -486,7 +486,8 @@ def test_gpu_path_adds_few_operators_per_block_of_rows(monkeypatch):
     c = make_case(seed=44, batch=2, dim=8, classes=4, size=(16, 16))  # 512 rows
 
     def count(budget: int) -> tuple[int, torch.Tensor]:
-        monkeypatch.setattr(_fused, "CHUNK_BYTES", budget)
+        for name in ("CHUNK_BYTES", "DEVICE_CHUNK_BYTES"):  # whichever the device reads
+            monkeypatch.setattr(_fused, name, budget)
         emb = c.embeddings.detach().clone().requires_grad_(True)
         with _AtenOps() as spy:
             out = rch_loss(emb, c.seg_logits, c.labels, c.prototypes)
