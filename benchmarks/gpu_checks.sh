@@ -2,14 +2,15 @@
 # The checks that need a CUDA GPU, as one script: the core's tests on CUDA (fp16 autocast
 # and the no-host-sync check included), a short fp16-AMP training run, the training-step
 # cost at the paper's crop (512 x 1024, AMP fp16; with and without rch.validate) and the
-# loss cost on the GPU, and what is live at the step's memory peak (gpu_memory.py; for
-# DeepLabV3 also with small cuBLAS workspaces). Most
+# loss cost on the GPU, what is live at the step's memory peak (gpu_memory.py; for
+# DeepLabV3 also with small cuBLAS workspaces) and the kernels a step launches. Most
 # important first: a lent machine's time may end before the last step. 5.5 minutes on an
 # H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
 # 18 s, loss_cost 22 s, the AMP run 19 s), measured before the small-workspace step was
 # added (about 20 s more, estimated from gpu_memory's 18 s) and before train_cost went from
 # 20 to 40 repetitions (2026-11-28: about 13 s more per run, at 0.64 s per repetition of the
-# three networks' two steps). The step logs end up in OUT/logs.tar.gz (a lent machine
+# three networks' two steps) and step_ops (2026-11-28, not yet timed; limited to 90 s). The
+# step logs end up in OUT/logs.tar.gz (a lent machine
 # returns at most 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
@@ -54,6 +55,10 @@ step amp_train 40 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progre
     --set train.out_dir=/tmp/rch-gpu-runs
 step train_cost 200 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --crop 512 1024 \
     --reps 40 --out "$out/train_cost_cuda_fp16.json"
+# what a step launches: the operators that step_ops.py counts on the CPU, against the kernels
+# the profiler sees on the GPU
+step step_ops 90 "$py" benchmarks/step_ops.py --device cuda --amp fp16 \
+    --out "$out/step_ops_cuda.json"
 tar -C "$out" -czf "$out/logs.tar.gz" $(cd "$out" && ls *.log)
 rm -f "$out"/*.log
 exit $status

@@ -18,7 +18,12 @@ baseline, RCH with the value checks (the default) and RCH without them
 caches). Default: the paper's crop, 512x1024, batch 2, under bfloat16 autocast (a GPU runs
 float16: the same casts). Prints a table and writes JSON with every operator's count.
 
-Run: ``python benchmarks/step_ops.py [--quick] [--networks ...] [--out ...]``
+With ``--device cuda`` (and ``--amp fp16``) the steps run on the GPU itself, and the
+profiler also counts the CUDA kernels (and memory copies and sets) each phase ran
+(``kernels``): how far the operator count stands for what a GPU does.
+
+Run: ``python benchmarks/step_ops.py [--quick] [--networks ...] [--device cuda --amp fp16]
+[--out ...]``
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ import argparse
 import contextlib
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.profiler import DeviceType, ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,31 +81,52 @@ def summary(ops: Counter[str]) -> dict[str, int]:
     }
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+@contextlib.contextmanager
+def cuda_kernels(device: str, counts: dict[str, int], phase: str) -> Iterator[None]:
+    """On CUDA, count into ``counts[phase]`` the GPU activities (kernels, memory copies and
+    sets) that run inside the block, the queue drained at its end; elsewhere nothing."""
+    if device != "cuda":
+        yield
+        return
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    counts[phase] = sum(e.device_type == DeviceType.CUDA for e in prof.events())
+
+
 def count_step(name: str, rch: bool, validate: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """Per phase, the operators of one training step (the second) of one variant."""
-    cfg, net, opt = build(name, rch, args.crop, args.amp, "cpu", validate)
+    """Per phase, the operators (and on CUDA the kernels) of one training step (the second)
+    of one variant."""
+    cfg, net, opt = build(name, rch, args.crop, args.amp, args.device, validate)
     for group in opt.param_groups:  # as on a GPU, where it is the default: one op per update
         group["foreach"] = True
-    x, y = batch(args, "cpu")
+    x, y = batch(args, args.device)
     amp = amp_dtype(args.amp)
     phases: dict[str, Counter[str]] = {}
+    kernels: dict[str, int] = {}
     for step in range(2):
-        counters = {phase: OpCounter() for phase in ("forward", "backward", "optimizer")}
+        counters = {phase: OpCounter() for phase in PHASES}
         opt.zero_grad(set_to_none=True)
-        with counters["forward"]:
+        with cuda_kernels(args.device, kernels, "forward"), counters["forward"]:
             parts, _ = step_losses(cfg, net, net.module, x, y, amp)
-        with counters["backward"]:
+        with cuda_kernels(args.device, kernels, "backward"), counters["backward"]:
             parts["loss"].backward()
-        with counters["optimizer"]:
+        with cuda_kernels(args.device, kernels, "optimizer"), counters["optimizer"]:
             opt.step()
         if step == 1:
             phases = {phase: counter.ops for phase, counter in counters.items()}
     total: Counter[str] = sum(phases.values(), Counter())
-    return {
-        **{phase: summary(ops) for phase, ops in phases.items()},
-        "step": summary(total),
-        "by_operator": {phase: dict(ops.most_common()) for phase, ops in phases.items()},
-    }
+    row: dict[str, Any] = {phase: summary(ops) for phase, ops in phases.items()}
+    row["step"] = summary(total)
+    for phase, n in kernels.items():
+        row[phase]["kernels"] = n
+    if kernels:
+        row["step"]["kernels"] = sum(kernels.values())
+    row["by_operator"] = {phase: dict(ops.most_common()) for phase, ops in phases.items()}
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS))
     parser.add_argument("--crop", type=int, nargs=2, default=[512, 1024])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--amp", default="bf16", choices=["none", "bf16"])
+    parser.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"])
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cpu: the GPU's code path"
+    )
     parser.add_argument("--quick", action="store_true", help="a 64x64 crop (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_ops.json"))
     args = parser.parse_args(argv)
@@ -114,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'network':<20} {'variant':<16} {'forward':>8} {'backward':>9} {'optimizer':>10} "
         f"{'launches':>9} {'added':>6} {'reads':>6}"
+        + (f" {'kernels':>8}" if args.device == "cuda" else "")
     )
     results: dict[str, dict[str, Any]] = {}
-    with gpu_path():
+    with gpu_path() if args.device == "cpu" else contextlib.nullcontext():
         for name in args.networks:
             results[name] = rows = {}
             for variant, (rch, validate) in VARIANTS.items():
@@ -130,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                         for phase, width in (("forward", 8), ("backward", 9), ("optimizer", 10))
                     )
                     + f" {row['step']['launches']:9d} {row['added_launches']:6d}"
-                    f" {row['step']['reads']:6d}",
+                    f" {row['step']['reads']:6d}"
+                    + (f" {row['step']['kernels']:8d}" if "kernels" in row["step"] else ""),
                     flush=True,
                 )
-    meta = run_meta(
-        argv, device="cpu (GPU code path)", amp=args.amp, crop=args.crop, batch=args.batch
-    )
+    device = "cpu (GPU code path)" if args.device == "cpu" else args.device
+    meta = run_meta(argv, device=device, amp=args.amp, crop=args.crop, batch=args.batch)
     write_results(args.out, {"meta": meta, "results": results})
     return 0
 
