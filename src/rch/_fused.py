@@ -239,11 +239,21 @@ class _PaperLoss(torch.autograd.Function):
         names = list(errors)
         sizes = units.new_zeros(bins + 1, len(names))
         table = units.new_zeros(bins + 1, len(names), units.shape[1]) if names else None
-        for j, name in enumerate(names):
-            centre_sums, centre_sizes = segment_sum(units, errors[name], bins)
-            sizes[:bins, j] = centre_sizes
-            if table is not None:
+        if table is not None and units.device.type in stats.SORTED_SUMS_ON:
+            for j, name in enumerate(names):
+                centre_sums, centre_sizes = segment_sum(units, errors[name], bins)
+                sizes[:bins, j] = centre_sizes
                 table[:bins, j] = centre_sums
+        elif table is not None:
+            # scattered straight into the table, as segment_sum scatters on such a device, and
+            # the spare bin cleared after: two operators a term, not seven
+            ones = units.new_ones(units.shape[0])
+            for j, name in enumerate(names):
+                sizes[:, j].index_add_(0, errors[name], ones)
+                table[:, j].index_add_(0, errors[name], units)
+            sizes[bins] = 0
+            table[bins] = 0
+            del ones
         has = sizes[anchor] > 0  # (N, T)
         dots = units.new_empty(units.shape[0], len(names))
         if table is not None:
@@ -286,6 +296,9 @@ class _PaperLoss(torch.autograd.Function):
             totals.append(total)
             shifts.append(shifted)
         del margins, lead, margin  # the backward pass reads the shifted exponentials instead
+        # what the backward pass needs of each term: its shifted true-class exponential and
+        # total, or (below, on a GPU) its logits' gradient per unit of its output's
+        per_term = [(shifts[j], totals[j]) for j in range(2)]
         products = torch.empty(0)
         if units.device.type not in BLAS_IN_BACKWARD_ON and plan.backward:
             # the prototypes' product of each term, per unit of its output's gradient: here, on
@@ -294,8 +307,8 @@ class _PaperLoss(torch.autograd.Function):
             products = units.new_empty(2, k, units.shape[1])
             d_cos = torch.empty_like(exps)
             for j in range(2):
-                terms = _term_grads(scale, shifts[j], totals[j])
-                _cosine_grad(exps, plan.target[:, None], plan.tau, *terms, out=d_cos)
+                per_term[j] = _term_grads(scale, shifts[j], totals[j])
+                _cosine_grad(exps, plan.target[:, None], plan.tau, *per_term[j], out=d_cos)
                 torch.mm(d_cos.T, units, out=products[j])
             del d_cos
         ctx.plan = plan  # type: ignore[attr-defined]
@@ -316,10 +329,8 @@ class _PaperLoss(torch.autograd.Function):
             proto_norms,
             anchor,
             exps,
-            totals[0],
-            totals[1],
-            shifts[0],
-            shifts[1],
+            *per_term[0],
+            *per_term[1],
             present if present is not None else torch.empty(0),
             counts if counts is not None else torch.empty(0),
             n_valid,
@@ -342,31 +353,36 @@ class _PaperLoss(torch.autograd.Function):
             proto_norms,
             anchor,
             exps,
-            total_fn,
-            total_fp,
-            shifted_fn,
-            shifted_fp,
+            first_fn,
+            second_fn,
+            first_fp,
+            second_fp,
             present,
             counts,
             n_valid,
             products,
         ) = ctx.saved_tensors
         plan: PaperPlan = ctx.plan
-        weight = plan.anchors.to(units.dtype) / n_valid
-        terms = [
-            _term_grads(weight * g, shifted, total)
-            for g, total, shifted in ((g_fn, total_fn, shifted_fn), (g_fp, total_fp, shifted_fp))
-        ]
-        d_true = [term[0] for term in terms]
+        bagged = products.numel() > 0  # no BLAS here: see BLAS_IN_BACKWARD_ON
+        if bagged:  # each term's (d_true, d_other) per unit of its gradient, from the forward
+            d_true = [g_fn * first_fn, g_fp * first_fp]
+            d_other = g_fn * second_fn + g_fp * second_fp
+        else:  # each term's (shifted, total)
+            weight = plan.anchors.to(units.dtype) / n_valid
+            terms = [
+                _term_grads(weight * g, shifted, total)
+                for g, shifted, total in ((g_fn, first_fn, second_fn), (g_fp, first_fp, second_fp))
+            ]
+            d_true = [term[0] for term in terms]
+            d_other = terms[0][1] + terms[1][1]
         d_cos = _cosine_grad(
             exps,
             plan.target[:, None],
             plan.tau,
             d_true[0] + d_true[1],
-            terms[0][1] + terms[1][1],
+            d_other,
             out=torch.empty_like(exps),
         )
-        bagged = products.numel() > 0  # no BLAS here: see BLAS_IN_BACKWARD_ON
         if bagged:
             d_proto_units = g_fn * products[0] + g_fp * products[1]
             d_units = torch.empty_like(units)  # the prototypes' bag, block by block below
