@@ -237,6 +237,32 @@ def test_zero_embeddings_are_finite(formulation):
     assert torch.isfinite(out.loss) and torch.isfinite(emb.grad).all()
 
 
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_zero_rows_get_the_reference_gradient(monkeypatch, gpu_path):
+    """``u = x / (|x| + eps)`` at ``x = 0``: the gradient is ``du / eps`` (the norm's
+    subgradient 0 there, as ``vector_norm``'s backward takes it; the reference's ``sqrt``
+    would give NaN); the fused backward pass's per-row factors are ``1 / eps`` and 0 there,
+    on either path."""
+    from rch.loss import EPS
+
+    from . import _reference
+
+    monkeypatch.setattr(_reference, "_unit", lambda v: v / (torch.linalg.vector_norm(v) + EPS))
+    c = make_case(seed=9, batch=2, dim=5, classes=4, size=(4, 5))
+    emb = c.embeddings.detach().clone()
+    emb[0, :, 1, 2] = 0.0
+    emb[1, :, 0, :] = 0.0
+    emb.requires_grad_(True)
+    if gpu_path:
+        use_gpu_path(monkeypatch, tiny_blocks=True)
+    out = rch_loss(emb, c.seg_logits, c.labels, c.prototypes)
+    ref_fn, ref_fp, _ = _reference.naive_paper(emb, c.seg_logits, c.labels, c.prototypes)
+    torch.testing.assert_close(out.loss, ref_fn + ref_fp, **TOL)
+    got, want = _grads(out.loss, emb)[0], _grads(ref_fn + ref_fp, emb)[0]
+    assert want[1, :, 0, :].abs().max() > 1e6  # the zero rows' gradient is large, and shown
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def test_no_true_positive_keeps_prototypes():
     c = make_case(seed=6, accuracy=0.0, classes=3)
     labels = c.labels.clone()
