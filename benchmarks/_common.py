@@ -56,3 +56,14 @@ def gpu_path(chunk_bytes: int = _fused.DEVICE_CHUNK_BYTES) -> Iterator[None]:
         for name, value in saved.items():
             setattr(stats, name, value)
         _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = saved_fused
+
+
+CONV_PRODUCTS_HELP = (
+    "RCH's forward products as 1x1 convolutions, not BLAS (rch._fused.CONV_PRODUCTS_ON; an "
+    "experiment: no cuBLAS workspace for a matmul-free network)"
+)
+
+
+def use_conv_products(device: str) -> None:
+    """Run the loss's forward products as 1x1 convolutions on ``device``'s type."""
+    _fused.CONV_PRODUCTS_ON = (torch.device(device).type,)

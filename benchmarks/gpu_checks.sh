@@ -3,15 +3,16 @@
 # and the no-host-sync check included), a short fp16-AMP training run, the training-step
 # cost at the paper's crop (512 x 1024, AMP fp16; with and without rch.validate) and the
 # loss cost on the GPU, what is live at the step's memory peak (gpu_memory.py; for
-# DeepLabV3 also with small cuBLAS workspaces) and the kernels a step launches. Most
+# DeepLabV3 also with small cuBLAS workspaces, and with RCH's products as convolutions) and
+# the kernels a step launches. Most
 # important first: a lent machine's time may end before the last step. 5.5 minutes on an
 # H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
 # 18 s, loss_cost 22 s, the AMP run 19 s), measured before the small-workspace step was
 # added (about 20 s more, estimated from gpu_memory's 18 s) and before train_cost went from
 # 20 to 40 repetitions (2026-11-28: about 13 s more per run, at 0.64 s per repetition of the
-# three networks' two steps) and step_ops (2026-11-28, not yet timed; limited to 90 s). The
-# step logs end up in OUT/logs.tar.gz (a lent machine
-# returns at most 8 files).
+# three networks' two steps), the two --conv-products steps and step_ops (2026-11-28, not
+# yet timed; about 2 minutes together, limited to 250 s). The step logs and the smaller
+# memory reports end up in OUT/logs.tar.gz (a lent machine returns at most 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
 # A lent GPU machine (no network) had all of them but segmentation-models-pytorch: fetch its
@@ -48,6 +49,14 @@ step gpu_memory 90 "$py" benchmarks/gpu_memory.py --validate-off --out "$out/gpu
 step gpu_memory_small_workspace 60 env CUBLAS_WORKSPACE_CONFIG=:4096:1 CUBLASLT_WORKSPACE_SIZE=4096 \
     "$py" benchmarks/gpu_memory.py --validate-off --networks deeplabv3_resnet50 \
     --out "$out/gpu_memory_small_workspace.json"
+# and with no cuBLAS call from RCH at all: its forward pass's products as 1x1 convolutions
+# (--conv-products, rch._fused.CONV_PRODUCTS_ON; off by default until this measures it):
+# memory, then time
+step gpu_memory_conv 60 "$py" benchmarks/gpu_memory.py --validate-off --networks \
+    deeplabv3_resnet50 --conv-products --out "$out/gpu_memory_conv.json"
+step train_cost_conv 100 "$py" benchmarks/train_cost.py --device cuda --amp fp16 \
+    --crop 512 1024 --reps 40 --no-validate --networks deeplabv3_resnet50 --conv-products \
+    --out "$out/train_cost_conv.json"
 step loss_cost 90 "$py" benchmarks/loss_cost.py --device cuda --reps 20 --pairwise-reps 3 \
     --out "$out/loss_cost_cuda.json"
 step amp_train 40 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progress --overwrite \
@@ -59,6 +68,7 @@ step train_cost 200 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --cr
 # the profiler sees on the GPU
 step step_ops 90 "$py" benchmarks/step_ops.py --device cuda --amp fp16 \
     --out "$out/step_ops_cuda.json"
-tar -C "$out" -czf "$out/logs.tar.gz" $(cd "$out" && ls *.log)
-rm -f "$out"/*.log
+# at most 8 files come back: the logs and the smaller memory reports go into one archive
+tar -C "$out" -czf "$out/logs.tar.gz" $(cd "$out" && ls *.log gpu_memory_*.json 2>/dev/null)
+rm -f "$out"/*.log "$out"/gpu_memory_*.json
 exit $status

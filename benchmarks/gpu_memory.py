@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_meta, write_results
+from _common import CONV_PRODUCTS_HELP, run_meta, use_conv_products, write_results
 from train_cost import NETWORKS, amp_dtype, batch, build, timed, train_step
 
 BEFORE = "held before the step"
@@ -239,19 +239,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--validate-off", action="store_true", help="rch.validate=false (fewer host syncs)"
     )
+    parser.add_argument("--conv-products", action="store_true", help=CONV_PRODUCTS_HELP)
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/gpu_memory.json"), help="JSON path"
     )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device (torch.cuda.is_available() is False)")
+    if args.conv_products:
+        use_conv_products("cuda")
     results: dict[str, Any] = {}
     for name in args.networks:
         base = record_step(name, False, args)
         rch = record_step(name, True, args)
         results[name] = {"baseline": base, "rch": rch, "diff": compare(base, rch, args.rows)}
         print(format_network(name, base, rch, args.rows), flush=True)
-    meta = run_meta(argv, device="cuda", crop=args.crop, batch=args.batch, amp=args.amp)
+    meta = run_meta(
+        argv,
+        device="cuda",
+        crop=args.crop,
+        batch=args.batch,
+        amp=args.amp,
+        conv_products=args.conv_products,
+    )
     write_results(args.out, {"meta": meta, "networks": results})
     return 0
 

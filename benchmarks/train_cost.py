@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_meta, write_results
+from _common import CONV_PRODUCTS_HELP, run_meta, use_conv_products, write_results
 from loss_cost import _kib
 from rch import export
 from rch.models import split_outputs
@@ -240,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rch.validate=false: no per-step value checks (each is a host sync on a GPU)",
     )
+    parser.add_argument("--conv-products", action="store_true", help=CONV_PRODUCTS_HELP)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cost.json"))
     parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.crop, args.reps, args.warmup, args.batch = [64, 64], 2, 1, 2
+    if args.conv_products:
+        use_conv_products(args.device)
     if args.memory_child:
         name, variant, out = args.memory_child
         Path(out).write_text(json.dumps(memory_child(name, variant, args)))
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "--amp",
         args.amp,
         *(["--no-validate"] if args.no_validate else []),
+        *(["--conv-products"] if args.conv_products else []),
     ]
     results = {}
     print(
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         amp=args.amp,
         validate=not args.no_validate,
+        conv_products=args.conv_products,
         crop=args.crop,
         batch=args.batch,
         reps=args.reps,

@@ -498,6 +498,33 @@ def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_conv_products_leave_no_blas_in_either_pass(monkeypatch):
+    """With the forward pass's products as 1x1 convolutions (``CONV_PRODUCTS_ON``, an
+    experiment for matmul-free networks) the GPU path runs no BLAS operator at all, and the
+    loss, the updated prototypes and both gradients are the BLAS path's."""
+    c = make_case(seed=45, batch=2, dim=6, classes=5, size=(5, 6))
+    probe = torch.randn(c.prototypes.shape, generator=torch.Generator().manual_seed(2))
+
+    def step() -> tuple[list[str], list[torch.Tensor]]:
+        emb = c.embeddings.detach().clone().requires_grad_(True)
+        protos = c.prototypes.clone().requires_grad_(True)
+        with _AtenOps() as spy:
+            out = rch_loss(emb, c.seg_logits, c.labels, protos)
+            (out.loss + (out.prototypes * probe.to(DEVICE)).sum()).backward()
+        assert emb.grad is not None and protos.grad is not None
+        return spy.ops, [out.loss, out.prototypes, emb.grad, protos.grad]
+
+    use_gpu_path(monkeypatch)
+    blas_ops, want = step()
+    assert BLAS_OPS & set(blas_ops)
+    monkeypatch.setattr(_fused, "CONV_PRODUCTS_ON", (DEVICE.type,))
+    ops, got = step()
+    assert not BLAS_OPS & set(ops), sorted(BLAS_OPS & set(ops))
+    assert "convolution" in ops
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 OPS_PER_BLOCK = 24
 """Operators that one more block of rows adds to the GPU path's forward and backward pass:
 3 in the forward pass (gather, product, sum), 12 in the backward's main pass (two bags, the

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rch import _fused
 from rch.functional import rch_loss
 from rch.loss import calibration_terms, margin_logits, unit
 from rch.stats import flatten_pixels, pixel_sets
@@ -120,14 +121,16 @@ def test_loss_is_finite_with_finite_gradients(spec):
     label_scale=st.sampled_from([1, 2]),
     masked=st.booleans(),
     tiny=st.booleans(),
+    conv=st.booleans(),
 )
 def test_gpu_path_gives_the_cpu_paths_loss_and_gradients(
-    spec, terms, update, weights, label_scale, masked, tiny
+    spec, terms, update, weights, label_scale, masked, tiny, conv
 ):
     """The GPU path differs from the CPU's in how it computes, not in what: no compaction,
     no ``bincount``, scattered sums, and no BLAS in the backward pass (the prototypes'
     products made in the forward pass per term, the embeddings' as bags), in blocks of its
-    own size or (``tiny``) of 64 rows with one-row bags."""
+    own size or (``tiny``) of 64 rows with one-row bags, and (``conv``) with the forward
+    pass's products as 1x1 convolutions (``rch._fused.CONV_PRODUCTS_ON``)."""
     h, w = spec["size"]
     c = make_case(**spec, label_size=(h * label_scale, w * label_scale))
     g = torch.Generator().manual_seed(1)
@@ -149,6 +152,8 @@ def test_gpu_path_gives_the_cpu_paths_loss_and_gradients(
     want = run()
     with pytest.MonkeyPatch.context() as patch:
         use_gpu_path(patch, tiny_blocks=tiny)
+        if conv:
+            patch.setattr(_fused, "CONV_PRODUCTS_ON", (c.embeddings.device.type,))
         got = run()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.nn.grad import conv2d_weight
 
 from . import stats
 from .distributed import world_size
@@ -74,6 +75,17 @@ convolutions) RCH's products alone would bring it in. There the prototypes' prod
 in the forward pass, once per cross-entropy term (each term's gradient is linear in its
 output's), and the embeddings' product as a weighted bag of the K prototype rows."""
 
+CONV_PRODUCTS_ON: tuple[str, ...] = ()
+"""Device types where the forward pass's matrix products (the cosines and, where the backward
+pass runs no BLAS, the prototypes' products per term) run as 1x1 convolutions (cuDNN on a
+GPU) instead of BLAS. None by default: an experiment for networks without matrix products
+of their own (DeepLabV3), where RCH's products alone bring in the forward thread's cuBLAS
+workspace (32 MiB on an H200, kept by the process), while a convolution's workspace is
+taken from the caching allocator for the call only. Whether that pays on a GPU is for
+``benchmarks/gpu_checks.sh`` to measure (``--conv-products``). On a GPU the convolutions
+follow cuDNN's precision settings (TF32 allowed by default on Ampere and later, as for the
+network's own convolutions); BLAS keeps float32 products."""
+
 BAG_INDEX_BYTES = 1 << 21
 """The bag of the K prototype rows per pixel reads an index of K entries per pixel: it runs
 over sub-blocks whose index stays within this many bytes."""
@@ -86,6 +98,33 @@ def _term_grads(scale: Tensor, shifted: Tensor, total: Tensor) -> tuple[Tensor, 
     ``shifted`` the true class's with its margin, ``total`` their sum)."""
     d_other = scale / total
     return shifted * d_other - scale, d_other
+
+
+def _as_image(rows: Tensor, shape: torch.Size) -> Tensor:
+    """``(N, C)`` pixel rows in the order of :func:`rch.stats.flatten_pixels` as a ``(B, C, h,
+    w)`` channels-last view (``shape``: the embeddings' ``(B, D, h, w)``)."""
+    b, _, h, w = shape
+    return rows.view(b, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _cosine_products(units: Tensor, proto_units: Tensor, shape: torch.Size) -> Tensor:
+    """``units @ proto_units.T``, ``(N, K)`` and fresh, as a 1x1 convolution on the devices of
+    :data:`CONV_PRODUCTS_ON`."""
+    if units.device.type not in CONV_PRODUCTS_ON:
+        return units @ proto_units.T
+    out = F.conv2d(_as_image(units, shape), proto_units[:, :, None, None])
+    return out.permute(0, 2, 3, 1).reshape(units.shape[0], -1)
+
+
+def _class_products(d_cos: Tensor, units: Tensor, shape: torch.Size, out: Tensor) -> None:
+    """``out = d_cos.T @ units`` (``(K, D)``), as the weight gradient of a 1x1 convolution on
+    the devices of :data:`CONV_PRODUCTS_ON`."""
+    if units.device.type not in CONV_PRODUCTS_ON:
+        torch.mm(d_cos.T, units, out=out)
+        return
+    size = (d_cos.shape[1], units.shape[1], 1, 1)
+    grad = conv2d_weight(_as_image(units, shape), size, _as_image(d_cos, shape))
+    out.copy_(grad.view_as(out))
 
 
 def _cosine_grad(
@@ -218,7 +257,7 @@ class _PaperLoss(torch.autograd.Function):
         del rows
         proto_norms = torch.linalg.vector_norm(protos, dim=1)
         proto_units = protos / (proto_norms + EPS).unsqueeze(1)
-        cosines = units @ proto_units.T
+        cosines = _cosine_products(units, proto_units, embeddings.shape)
 
         bins = plan.num_images * k
         first_bin = sets.image * k  # each image's bin of class 0
@@ -309,7 +348,7 @@ class _PaperLoss(torch.autograd.Function):
             for j in range(2):
                 per_term[j] = _term_grads(scale, shifts[j], totals[j])
                 _cosine_grad(exps, plan.target[:, None], plan.tau, *per_term[j], out=d_cos)
-                torch.mm(d_cos.T, units, out=products[j])
+                _class_products(d_cos, units, embeddings.shape, products[j])
             del d_cos
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.names = names  # type: ignore[attr-defined]
