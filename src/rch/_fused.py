@@ -124,7 +124,7 @@ def _class_products(d_cos: Tensor, units: Tensor, shape: torch.Size, out: Tensor
         return
     size = (d_cos.shape[1], units.shape[1], 1, 1)
     grad = conv2d_weight(_as_image(units, shape), size, _as_image(d_cos, shape))
-    out.copy_(grad.view_as(out))
+    out.copy_(grad.reshape(out.shape))
 
 
 def _cosine_grad(
