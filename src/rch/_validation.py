@@ -113,13 +113,22 @@ def finite_flag(value: Tensor) -> Tensor:
     """0-dim bool tensor, true when the sum of ``value`` is finite (then so is every entry);
     nothing is read back to the host. Half precision sums in float32, where it cannot
     overflow; a float32 sum can, and then the flag is false although every entry is finite
-    (:func:`check_finite` looks closer)."""
+    (:func:`check_finite` looks closer). The sum is finite when ``sum - sum == 0`` (Inf and
+    NaN give NaN): two small kernels on a GPU, where ``isfinite`` runs four and ``all`` one.
+
+    Example:
+        >>> import torch
+        >>> [bool(finite_flag(torch.tensor(v))) for v in ([1.0, 2.0], [1.0, float("inf")])]
+        [True, False]
+    """
     with torch.no_grad():
         if value.dtype in (torch.float16, torch.bfloat16):
             summary = value.sum(dtype=torch.float32)
+        elif value.is_floating_point():
+            summary = value.sum()
         else:
-            summary = value.sum() if value.is_floating_point() else value
-        return torch.isfinite(summary).all()
+            return torch.ones((), dtype=torch.bool, device=value.device)
+        return (summary - summary) == 0
 
 
 def label_outliers(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
