@@ -532,9 +532,8 @@ class _PaperLoss(torch.autograd.Function):
         need_rows, need_protos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_embeddings = None
         if need_rows:  # back to (B, D, h, w), as the backward of flatten_pixels gives it
-            b, d, h, w = ctx.embedded
             # in the loss's dtype: autograd casts it to the embeddings' own (under AMP)
-            d_embeddings = d_units.view(b, h, w, d).permute(0, 3, 1, 2)
+            d_embeddings = _as_image(d_units, ctx.embedded)
         return d_embeddings, (d_prototypes if need_protos else None), None
 
 
