@@ -61,8 +61,6 @@ def test_paper_in_many_row_blocks_matches_naive_loop(monkeypatch, compact):
     With blocks of 64 rows, 286 pixels make five, the last one ragged; both backward paths
     (the misclassified rows compacted, as on a CPU, or every row, as on a GPU) agree with
     the naive loop."""
-    from rch import _fused
-
     if compact:
         monkeypatch.setattr(_fused, "CHUNK_BYTES", 1)  # the minimum: 64 rows per block
         monkeypatch.setattr(_fused, "DEVICE_CHUNK_BYTES", 1)
@@ -459,17 +457,19 @@ class _AtenOps(TorchDispatchMode):
 BLAS_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "vdot", "matmul"})
 
 
+@pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("update", [True, False])
 @pytest.mark.parametrize("terms", [(True, True), (False, True), (False, False)])
-def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
+def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms, conv):
     """On a GPU autograd runs the backward pass on a thread of its own, and a thread's first
     cuBLAS call allocates a workspace that the process keeps (32 MiB), which a network
     without matrix products (DeepLabV3) would hold for RCH alone. So there the loss's
     backward runs no BLAS: the prototypes' products come from the forward pass and the
-    embeddings' is a bag of prototype rows. The gradients are the BLAS path's, for any
-    weights of the two terms, of the updated prototypes and of the prototypes given."""
-    from rch import _fused
-
+    embeddings' is a bag of prototype rows. With the forward pass's products as 1x1
+    convolutions (``conv``: ``CONV_PRODUCTS_ON``, an experiment for matmul-free networks)
+    neither pass runs BLAS. The losses, the updated prototypes and the gradients are the BLAS
+    path's, for any weights of the two terms, of the updated prototypes and of the
+    prototypes given."""
     fn_term, fp_term = terms
     c = make_case(seed=42, batch=2, dim=5, classes=4, size=(11, 13), absent=(1,))
     probe = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -485,42 +485,22 @@ def test_gpu_path_backward_runs_no_blas(monkeypatch, update, terms):
         total = 2.0 * out.loss_fn + 0.5 * out.loss_fp + (out.prototypes * probe.to(DEVICE)).sum()
         with _AtenOps() as backward:
             total.backward()
-        return forward.ops, backward.ops, (out.loss_fn, out.loss_fp, emb.grad, protos.grad)
+        got = (out.loss_fn, out.loss_fp, out.prototypes, emb.grad, protos.grad)
+        return forward.ops, backward.ops, got
 
     monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", (DEVICE.type,))
     _, blas_backward, want = step()
     assert BLAS_OPS & set(blas_backward)  # the spy sees the products where they are
     use_gpu_path(monkeypatch, tiny_blocks=True)  # five blocks of rows, one-row bags
+    if conv:
+        monkeypatch.setattr(_fused, "CONV_PRODUCTS_ON", (DEVICE.type,))
     forward, backward, got = step()
     assert not BLAS_OPS & set(backward), sorted(BLAS_OPS & set(backward))
-    assert "mm" in forward
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
-
-
-def test_conv_products_leave_no_blas_in_either_pass(monkeypatch):
-    """With the forward pass's products as 1x1 convolutions (``CONV_PRODUCTS_ON``, an
-    experiment for matmul-free networks) the GPU path runs no BLAS operator at all, and the
-    loss, the updated prototypes and both gradients are the BLAS path's."""
-    c = make_case(seed=45, batch=2, dim=6, classes=5, size=(5, 6))
-    probe = torch.randn(c.prototypes.shape, generator=torch.Generator().manual_seed(2))
-
-    def step() -> tuple[list[str], list[torch.Tensor]]:
-        emb = c.embeddings.detach().clone().requires_grad_(True)
-        protos = c.prototypes.clone().requires_grad_(True)
-        with _AtenOps() as spy:
-            out = rch_loss(emb, c.seg_logits, c.labels, protos)
-            (out.loss + (out.prototypes * probe.to(DEVICE)).sum()).backward()
-        assert emb.grad is not None and protos.grad is not None
-        return spy.ops, [out.loss, out.prototypes, emb.grad, protos.grad]
-
-    use_gpu_path(monkeypatch)
-    blas_ops, want = step()
-    assert BLAS_OPS & set(blas_ops)
-    monkeypatch.setattr(_fused, "CONV_PRODUCTS_ON", (DEVICE.type,))
-    ops, got = step()
-    assert not BLAS_OPS & set(ops), sorted(BLAS_OPS & set(ops))
-    assert "convolution" in ops
+    if conv:
+        assert not BLAS_OPS & set(forward), sorted(BLAS_OPS & set(forward))
+        assert "convolution" in forward
+    else:
+        assert "mm" in forward
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
