@@ -20,7 +20,12 @@ float16: the same casts). Prints a table and writes JSON with every operator's c
 
 With ``--device cuda`` (and ``--amp fp16``) the steps run on the GPU itself, and the
 profiler also counts the CUDA kernels (and memory copies and sets) each phase ran
-(``kernels``): how far the operator count stands for what a GPU does.
+(``kernels``): how far the operator count stands for what a GPU does. It also measures how
+long the GPU ran them (``gpu_ms``, the union of their spans): what RCH adds to that
+(``added_gpu_ms``) is the GPU time of its kernels, the least it can add to a step. (The
+counting slows the host, so the step's own time means nothing here; the kernels' times
+do not change.) Against ``train_cost.py``'s difference in step time it tells GPU work from
+idle waiting.
 
 Run: ``python benchmarks/step_ops.py [--quick] [--networks ...] [--device cuda --amp fp16]
 [--out ...]``
@@ -32,7 +37,7 @@ import argparse
 import contextlib
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +89,42 @@ def summary(ops: Counter[str]) -> dict[str, int]:
 PHASES = ("forward", "backward", "optimizer")
 
 
+def busy_us(spans: Iterable[tuple[float, float]]) -> float:
+    """How long at least one of the ``(start, end)`` spans runs: the length of their union.
+
+    >>> busy_us([(0, 2), (1, 3), (5, 6)])
+    4.0
+    >>> busy_us([])
+    0.0
+    """
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def gpu_activity(events: Iterable[Any]) -> tuple[int, float]:
+    """The CUDA activities (kernels, memory copies and sets) among a profile's events: how
+    many, and how many milliseconds the GPU was running at least one of them."""
+    spans = [
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+    ]
+    return len(spans), busy_us(spans) / 1000
+
+
 @contextlib.contextmanager
-def cuda_kernels(device: str, counts: dict[str, int], phase: str) -> Iterator[None]:
-    """On CUDA, count into ``counts[phase]`` the GPU activities (kernels, memory copies and
-    sets) that run inside the block, the queue drained at its end; elsewhere nothing."""
+def cuda_kernels(device: str, counts: dict[str, tuple[int, float]], phase: str) -> Iterator[None]:
+    """On CUDA, record into ``counts[phase]`` the GPU activities that run inside the block
+    (``gpu_activity``), the queue drained at its end; elsewhere nothing."""
     if device != "cuda":
         yield
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         yield
         torch.cuda.synchronize()
-    counts[phase] = sum(e.device_type == DeviceType.CUDA for e in prof.events())
+    counts[phase] = gpu_activity(prof.events())
 
 
 def count_step(name: str, rch: bool, validate: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +136,7 @@ def count_step(name: str, rch: bool, validate: bool, args: argparse.Namespace) -
     x, y = batch(args, args.device)
     amp = amp_dtype(args.amp)
     phases: dict[str, Counter[str]] = {}
-    kernels: dict[str, int] = {}
+    kernels: dict[str, tuple[int, float]] = {}
     for step in range(2):
         counters = {phase: OpCounter() for phase in PHASES}
         opt.zero_grad(set_to_none=True)
@@ -121,10 +151,11 @@ def count_step(name: str, rch: bool, validate: bool, args: argparse.Namespace) -
     total: Counter[str] = sum(phases.values(), Counter())
     row: dict[str, Any] = {phase: summary(ops) for phase, ops in phases.items()}
     row["step"] = summary(total)
-    for phase, n in kernels.items():
-        row[phase]["kernels"] = n
+    for phase, (n, busy) in kernels.items():
+        row[phase]["kernels"], row[phase]["gpu_ms"] = n, busy
     if kernels:
-        row["step"]["kernels"] = sum(kernels.values())
+        row["step"]["kernels"] = sum(n for n, _ in kernels.values())
+        row["step"]["gpu_ms"] = sum(busy for _, busy in kernels.values())
     row["by_operator"] = {phase: dict(ops.most_common()) for phase, ops in phases.items()}
     return row
 
@@ -146,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'network':<20} {'variant':<16} {'forward':>8} {'backward':>9} {'optimizer':>10} "
         f"{'launches':>9} {'added':>6} {'reads':>6}"
-        + (f" {'kernels':>8}" if args.device == "cuda" else "")
+        + (f" {'kernels':>8} {'GPU ms':>7} {'added':>6}" if args.device == "cuda" else "")
     )
     results: dict[str, dict[str, Any]] = {}
     with gpu_path() if args.device == "cpu" else contextlib.nullcontext():
@@ -156,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows[variant] = row = count_step(name, rch, validate, args)
                 base = rows["baseline"]["step"]["launches"]
                 row["added_launches"] = row["step"]["launches"] - base
+                gpu = "gpu_ms" in row["step"]
+                if gpu:
+                    row["added_gpu_ms"] = row["step"]["gpu_ms"] - rows["baseline"]["step"]["gpu_ms"]
                 print(
                     f"{name:<20} {variant:<16} "
                     + " ".join(
@@ -164,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     + f" {row['step']['launches']:9d} {row['added_launches']:6d}"
                     f" {row['step']['reads']:6d}"
-                    + (f" {row['step']['kernels']:8d}" if "kernels" in row["step"] else ""),
+                    + (
+                        f" {row['step']['kernels']:8d} {row['step']['gpu_ms']:7.2f}"
+                        f" {row['added_gpu_ms']:6.2f}"
+                        if gpu
+                        else ""
+                    ),
                     flush=True,
                 )
     device = "cpu (GPU code path)" if args.device == "cpu" else args.device

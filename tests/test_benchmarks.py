@@ -112,6 +112,26 @@ def test_step_ops_counts_what_rch_adds_to_a_step_on_the_gpu_path(tmp_path: Path)
     assert "deeplabv3_resnet50" in run.stdout
 
 
+def test_step_ops_times_the_gpu_as_the_union_of_its_activities():
+    """On CUDA the GPU time of a phase is how long at least one device activity ran: host
+    events do not count, overlapping activities count once."""
+    import doctest
+    from types import SimpleNamespace
+
+    ops = _bench_module("step_ops")
+    assert doctest.testmod(ops).failed == 0
+
+    def event(device: Any, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    cuda, cpu = ops.DeviceType.CUDA, ops.DeviceType.CPU
+    events = [event(cpu, 0, 9000), event(cuda, 2000, 2500), event(cuda, 100, 400)]
+    events += [event(cuda, 300, 1000), event(cuda, 2500, 2600)]
+    assert ops.gpu_activity(events) == (4, 1.5)  # 100-1000 and 2000-2600 us
+    assert ops.gpu_activity([event(cpu, 0, 5)]) == (0, 0)
+    assert ops.busy_us([(0, 10), (2, 3)]) == 10
+
+
 def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
     from .data import trees
 
