@@ -11,7 +11,8 @@
 # added (about 20 s more, estimated from gpu_memory's 18 s) and before train_cost went from
 # 20 to 40 repetitions (2026-11-28: about 13 s more per run, at 0.64 s per repetition of the
 # three networks' two steps), the two --conv-products steps and step_ops (2026-11-28, not
-# yet timed; about 2 minutes together, limited to 250 s). The step logs and the smaller
+# yet timed; about 2 minutes together, limited to 250 s), and last the checks read at once
+# (60 s at most). The step logs and the smaller
 # memory reports end up in OUT/logs.tar.gz (a lent machine returns at most 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
@@ -62,13 +63,20 @@ step loss_cost 90 "$py" benchmarks/loss_cost.py --device cuda --reps 20 --pairwi
 step amp_train 40 "$py" -m rch train configs/cpu/synthetic_tiny.yaml --no-progress --overwrite \
     --set train.device=cuda --set train.amp=fp16 --set train.iters=60 \
     --set train.out_dir=/tmp/rch-gpu-runs
+# the trainer's default, rch.validate=deferred: the value checks read where it reads its losses
 step train_cost 200 "$py" benchmarks/train_cost.py --device cuda --amp fp16 --crop 512 1024 \
     --reps 40 --out "$out/train_cost_cuda_fp16.json"
 # what a step launches: the operators that step_ops.py counts on the CPU, against the kernels
 # the profiler sees on the GPU
 step step_ops 90 "$py" benchmarks/step_ops.py --device cuda --amp fp16 \
     --out "$out/step_ops_cuda.json"
+# the checks read at once in the loss (rch.validate=true, the default before 2026-11-28): one
+# synchronisation a step, what the deferred checks save
+step train_cost_immediate 60 "$py" benchmarks/train_cost.py --device cuda --amp fp16 \
+    --crop 512 1024 --reps 40 --validate true --networks deeplabv3_resnet50 \
+    --out "$out/train_cost_immediate.json"
 # at most 8 files come back: the logs and the smaller memory reports go into one archive
-tar -C "$out" -czf "$out/logs.tar.gz" $(cd "$out" && ls *.log gpu_memory_*.json 2>/dev/null)
-rm -f "$out"/*.log "$out"/gpu_memory_*.json
+tar -C "$out" -czf "$out/logs.tar.gz" \
+    $(cd "$out" && ls *.log gpu_memory_*.json train_cost_immediate.json 2>/dev/null)
+rm -f "$out"/*.log "$out"/gpu_memory_*.json "$out"/train_cost_immediate.json
 exit $status

@@ -48,11 +48,13 @@ from rch.train import Config, build_network, config_from_dict
 from rch.train.trainer import Network, step_losses
 
 NETWORKS = ("deeplabv3_resnet50", "hrnet_w18_ocr", "segformer_b0")
+VALIDATE_CHOICES: dict[str, bool | str] = {"true": True, "false": False, "deferred": "deferred"}
+"""``--validate``'s words and the ``rch.validate`` values they stand for."""
 CLASSES = 19
 
 
 def make_config(
-    name: str, enabled: bool, crop: list[int], amp: str, validate: bool = True
+    name: str, enabled: bool, crop: list[int], amp: str, validate: bool | str = True
 ) -> Config:
     return config_from_dict(
         {
@@ -65,7 +67,7 @@ def make_config(
 
 
 def build(
-    name: str, enabled: bool, crop: list[int], amp: str, device: str, validate: bool = True
+    name: str, enabled: bool, crop: list[int], amp: str, device: str, validate: bool | str = True
 ) -> tuple[Config, Network, torch.optim.Optimizer]:
     torch.manual_seed(0)
     cfg = make_config(name, enabled, crop, amp, validate)
@@ -110,6 +112,8 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     parts, _ = step_losses(cfg, net, net.module, x, y, amp_dtype)
     parts["loss"].backward()
+    if net.attachment is not None:  # rch.validate=deferred: read before the step, as the
+        net.attachment.rch_check()  # trainer does
     opt.step()
 
 
@@ -120,7 +124,7 @@ def amp_dtype(amp: str) -> torch.dtype | None:
 def time_network(name: str, args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     variants = {
-        v: build(name, v == "rch", args.crop, args.amp, device, not args.no_validate)
+        v: build(name, v == "rch", args.crop, args.amp, device, args.validate)
         for v in ("baseline", "rch")
     }
     x, y = batch(args, device)
@@ -158,7 +162,7 @@ def memory_child(name: str, variant: str, args: argparse.Namespace) -> dict[str,
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")
-    cfg, net, opt = build(name, variant == "rch", args.crop, args.amp, device, not args.no_validate)
+    cfg, net, opt = build(name, variant == "rch", args.crop, args.amp, device, args.validate)
     x, y = batch(args, device)
     amp = amp_dtype(args.amp)
     for _ in range(2):
@@ -236,14 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--quick", action="store_true", help="tiny crop, 2 reps (a smoke run)")
     parser.add_argument(
+        "--validate",
+        default="deferred",
+        choices=list(VALIDATE_CHOICES),
+        help="rch.validate: the value checks read where the trainer reads its losses "
+        "(deferred, the default), at once in the loss (true: a host sync a step on a GPU), "
+        "or not at all (false)",
+    )
+    parser.add_argument(
         "--no-validate",
-        action="store_true",
-        help="rch.validate=false: no per-step value checks (each is a host sync on a GPU)",
+        dest="validate",
+        action="store_const",
+        const="false",
+        help="the same as --validate false",
     )
     parser.add_argument("--conv-products", action="store_true", help=CONV_PRODUCTS_HELP)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_cost.json"))
     parser.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.validate = VALIDATE_CHOICES[args.validate]
     if args.quick:
         args.crop, args.reps, args.warmup, args.batch = [64, 64], 2, 1, 2
     if args.conv_products:
@@ -261,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         args.device,
         "--amp",
         args.amp,
-        *(["--no-validate"] if args.no_validate else []),
+        "--validate",
+        str(args.validate).lower(),
         *(["--conv-products"] if args.conv_products else []),
     ]
     results = {}
@@ -308,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         device=args.device,
         amp=args.amp,
-        validate=not args.no_validate,
+        validate=args.validate,
         conv_products=args.conv_products,
         crop=args.crop,
         batch=args.batch,

@@ -99,13 +99,15 @@ def test_step_ops_counts_what_rch_adds_to_a_step_on_the_gpu_path(tmp_path: Path)
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())["results"]["deeplabv3_resnet50"]
-    assert set(rows) == {"baseline", "rch", "rch, no checks"}
+    assert set(rows) == {"baseline", "rch", "rch, no checks", "rch, deferred checks"}
     base, rch, unchecked = rows["baseline"], rows["rch"], rows["rch, no checks"]
+    deferred = rows["rch, deferred checks"]
     for phase in ("forward", "backward"):
         assert rch[phase]["launches"] > base[phase]["launches"]
     assert rch["optimizer"] == base["optimizer"]
-    assert [r["step"]["reads"] for r in (base, rch, unchecked)] == [0, 1, 0]
+    assert [r["step"]["reads"] for r in (base, rch, unchecked, deferred)] == [0, 1, 0, 0]
     assert 0 < unchecked["added_launches"] < rch["added_launches"]
+    assert unchecked["added_launches"] < deferred["added_launches"]
     for row in rows.values():
         for phase, counts in row["by_operator"].items():
             assert sum(counts.values()) == row[phase]["ops"] >= row[phase]["launches"]

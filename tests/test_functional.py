@@ -630,6 +630,68 @@ def test_a_failed_value_check_names_the_first_bad_input():
     assert torch.isfinite(rch_loss(c.embeddings, big, c.labels, c.prototypes).loss)
 
 
+@pytest.mark.parametrize("formulation", ["paper", "official"])
+def test_deferred_checks_read_nothing_back_and_change_no_result(monkeypatch, formulation):
+    """``validate="deferred"`` computes the same checks but leaves them unread: the loss's
+    forward and backward read nothing back (no GPU synchronisation), and every result equals
+    the checked call's."""
+    c = make_case(seed=38, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
+    momentum = torch.full((4,), 0.9, dtype=torch.float64, device=c.prototypes.device)
+    args = (c.embeddings, c.seg_logits, c.labels, c.prototypes)
+    use_gpu_path(monkeypatch)
+    want = rch_loss(*args, momentum=momentum, formulation=formulation)
+    want_grad = _grads(want.loss + want.prototypes.sum(), c.embeddings)[0]
+    with _HostReads() as spy:
+        out = rch_loss(*args, momentum=momentum, formulation=formulation, validate="deferred")
+        grad = _grads(out.loss + out.prototypes.sum(), c.embeddings)[0]
+    assert spy.reads == []
+    assert want.checks is None and out.checks is not None
+    assert out.checks.failures() == [] and bool(out.checks.ok)
+    torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.prototypes, want.prototypes, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+    assert torch.equal(out.updated, want.updated) and torch.equal(out.tp_count, want.tp_count)
+    if DEVICE.type == "cuda":  # CUDA itself reports any synchronisation, the flags' copy too
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = rch_loss(*args, momentum=momentum, formulation=formulation, validate="deferred")
+            (out.loss + out.prototypes.sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out.checks.raise_if_failed()  # waits for the flags' copy only
+
+
+def test_deferred_checks_name_each_bad_input_after_the_call():
+    """A deferred check does not raise from the call; the output's checks name each input
+    that failed. A label out of range counts as ignored meanwhile, as with the checks on."""
+    c = make_case(seed=39)
+    bad_labels, bad_emb = c.labels.clone(), c.embeddings.detach().clone()
+    bad_labels[0, 0, 0] = 7
+    bad_emb[1, 2, 0, 0] = float("nan")
+    bad_logits, bad_protos = c.seg_logits.clone(), c.prototypes.clone()
+    bad_logits[0, 1, 0, 0] = float("inf")
+    bad_protos[2, 0] = float("nan")
+    momentum = torch.tensor([0.9, 1.0, 0.5, 0.2], device=c.prototypes.device)
+    cases = [
+        ({"labels": bad_labels}, r"labels hold values outside \[0, 4\) that are not ignore_index"),
+        ({"embeddings": bad_emb}, "embeddings hold NaN or Inf"),
+        ({"seg_logits": bad_logits}, "seg_logits hold NaN or Inf"),
+        ({"prototypes": bad_protos}, "prototypes hold NaN or Inf"),
+        ({"momentum": momentum}, r"momentum does not lie in \[0, 1\)"),
+    ]
+    for change, match in cases:
+        args = {"embeddings": c.embeddings, "seg_logits": c.seg_logits, "labels": c.labels}
+        args |= {"prototypes": c.prototypes, "validate": "deferred"} | change
+        out = rch_loss(**args)
+        assert out.checks is not None and not bool(out.checks.ok), match
+        with pytest.raises(ValueError, match=match):
+            out.checks.raise_if_failed()
+    args = {"embeddings": c.embeddings, "seg_logits": c.seg_logits, "prototypes": c.prototypes}
+    labelled = rch_loss(**args, labels=bad_labels, validate="deferred")
+    ignored = bad_labels.masked_fill(bad_labels == 7, 255)
+    torch.testing.assert_close(labelled.loss, rch_loss(**args, labels=ignored).loss)
+
+
 def _forward_peak_bytes(fn) -> int:
     """Peak of the tensor bytes held during ``fn()`` above those held before (CPU)."""
     from torch.profiler import ProfilerActivity, profile

@@ -264,11 +264,11 @@ def test_head_accepts_a_bf16_feature_outside_autocast():
 
 
 @pytest.mark.parametrize("init", ["randn", "first"])
-@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("validate", [True, False, "deferred"])
 def test_a_training_step_reads_back_at_most_once(monkeypatch, init, validate):
     """A training step's host reads (GPU synchronisations): with the value checks, one (the
-    loss's checks together, the embeddings' included); without, none. A prototype
-    momentum tensor (``prototype_init="first"``) adds none."""
+    loss's checks together, the embeddings' included); without, or with the checks
+    deferred, none. A prototype momentum tensor (``prototype_init="first"``) adds none."""
     from .test_functional import _HostReads
 
     use_gpu_path(monkeypatch)
@@ -279,8 +279,69 @@ def test_a_training_step_reads_back_at_most_once(monkeypatch, init, validate):
     with _HostReads() as spy:
         out = head(features, c.seg_logits, c.labels)
         out.loss.backward()
-    assert spy.reads == (["__bool__"] if validate else [])
+    assert spy.reads == (["__bool__"] if validate is True else [])
     assert features.grad is not None and torch.isfinite(out.loss)
+    head.check()  # deferred: read here, and they pass
+
+
+def _stepped(validate, features, c) -> RCHHead:
+    torch.manual_seed(0)
+    head = RCHHead(6, 4, embed_dim=5, prototype_init="first", validate=validate).to(DEVICE)
+    head(features, c.seg_logits, c.labels)
+    return head
+
+
+def test_a_deferred_failure_keeps_the_prototypes_and_raises_from_check():
+    """With ``validate="deferred"`` a step whose checks fail raises nothing at once, leaves
+    the prototypes and their "initialised" flags as they were (selected on the device, no
+    read), and :meth:`RCHHead.check` names what failed. A passing step updates the prototypes
+    exactly as with the checks on."""
+    shapes = {"batch": 2, "dim": 6, "classes": 4, "size": (5, 6), "label_size": (10, 12)}
+    first = make_case(seed=40, absent=(3,), **shapes)  # class 3's prototype stays unset
+    c = make_case(seed=40, **shapes)
+    features = c.embeddings.detach()
+    checked = _stepped(True, first.embeddings.detach(), first)
+    deferred = _stepped("deferred", first.embeddings.detach(), first)
+    deferred.check()
+    assert torch.equal(deferred.prototypes, checked.prototypes)
+    assert torch.equal(deferred.initialized, checked.initialized)
+    assert bool(deferred.initialized.any()) and not bool(deferred.initialized.all())
+    before = (deferred.prototypes.clone(), deferred.initialized.clone(), int(deferred.step))
+    bad = features.clone()
+    bad[0, :, 1, 1] = float("nan")
+    out = deferred(bad, c.seg_logits, c.labels)
+    assert not torch.isfinite(out.loss)  # computed, not yet checked
+    assert torch.equal(deferred.prototypes, before[0])
+    assert torch.equal(deferred.initialized, before[1])
+    assert int(deferred.step) == before[2] + 1
+    with pytest.raises(ValueError, match="failed: embeddings hold NaN or Inf"):
+        deferred.check()
+    deferred.check()  # read once: nothing is left to raise
+
+
+def test_a_deferred_failure_not_checked_raises_from_the_next_forward():
+    """A failure the caller never reads is not lost: the head's next forward raises it,
+    before computing anything. A copy of the head starts with nothing pending."""
+    import copy
+
+    c = make_case(seed=41, batch=2, dim=6, classes=4, size=(5, 6), label_size=(10, 12))
+    features = c.embeddings.detach()
+    head = _stepped("deferred", features, c)
+    bad_labels = c.labels.clone()
+    bad_labels[1, 0, 0] = 9
+    head(features, c.seg_logits, bad_labels)
+    clone = copy.deepcopy(head)
+    clone.check()
+    step = int(head.step)
+    with pytest.raises(ValueError, match=r"labels hold values outside \[0, 4\)"):
+        head(features, c.seg_logits, c.labels)
+    assert int(head.step) == step
+    head(features, c.seg_logits, c.labels)  # raised once, then gone
+
+
+def test_head_rejects_an_unknown_validate_mode():
+    with pytest.raises(ValueError, match="validate must be one of True, False, 'deferred'"):
+        RCHHead(6, 4, validate="sometimes")  # type: ignore[arg-type]
 
 
 def test_the_heads_backward_runs_no_blas_on_the_gpu_path(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rch._validation import DeferredChecks, PendingCheck, finite_flag
 from rch.functional import rch_loss
 
 from .conftest import make_case
@@ -96,6 +97,12 @@ def test_non_finite_inputs(name, bad):
         ({"alpha": 1.0}, ValueError, "alpha=1.0 only applies to formulation='official'"),
         ({"ignore_index": 255.0}, TypeError, "ignore_index must be an int"),
         ({"temperature": 0.5}, TypeError, "temperature"),
+        (
+            {"validate": "later"},
+            ValueError,
+            "validate must be one of True, False, 'deferred'; got 'later'",
+        ),
+        ({"validate": 1}, TypeError, "validate must be True, False or 'deferred'; got 1"),
     ],
 )
 def test_options(options, error, match):
@@ -153,3 +160,31 @@ def test_loss_mask_must_be_bool_of_the_labels_shape():
         _call(loss_mask=torch.ones(2, 4, 5, dtype=torch.bool, device=c.labels.device)[:, :4, :4])
     with pytest.raises(ValueError, match=r"loss_mask must have shape \(B, H, W\)"):
         _call(loss_mask=torch.ones(4, 5, dtype=torch.bool))
+
+
+def _never() -> None:
+    raise AssertionError("a deferred check never runs the full check")
+
+
+def test_deferred_checks_name_every_failure_and_keep_ok_on_the_device():
+    from .test_functional import _HostReads
+
+    good, bad = torch.ones(3), torch.tensor([1.0, float("inf")])
+    with _HostReads() as spy:  # made without a host read
+        checks = DeferredChecks(
+            [
+                PendingCheck(finite_flag(good), _never, "a holds NaN or Inf"),
+                PendingCheck(finite_flag(bad), _never, "b holds NaN or Inf"),
+                PendingCheck(torch.tensor(False), _never, "c is out of range"),
+            ]
+        )
+    assert spy.reads == []
+    assert checks.ok.dtype == torch.bool and checks.ok.shape == () and not bool(checks.ok)
+    assert checks.failures() == ["b holds NaN or Inf", "c is out of range"]
+    with pytest.raises(ValueError, match=r"failed: b holds NaN or Inf; c is out of range\. Rerun"):
+        checks.raise_if_failed()
+    passing = DeferredChecks([PendingCheck(finite_flag(good), _never, "a holds NaN or Inf")])
+    assert bool(passing.ok) and passing.failures() == []
+    passing.raise_if_failed()
+    with pytest.raises(ValueError, match="at least one check"):
+        DeferredChecks([])

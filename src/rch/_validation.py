@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "DeferredChecks",
     "PendingCheck",
     "check_finite",
     "check_labels",
@@ -21,9 +22,75 @@ __all__ = [
     "run_checks",
 ]
 
-PendingCheck = tuple[Tensor, Callable[[], None]]
-"""A value check not yet read back: a 0-dim bool tensor (true: the values pass) and the
-full check, which raises with a message that names what is wrong (see :func:`run_checks`)."""
+
+class PendingCheck(NamedTuple):
+    """A value check not yet read back (see :func:`run_checks` and :class:`DeferredChecks`)."""
+
+    flag: Tensor
+    """0-dim bool tensor: true when the values pass."""
+    full: Callable[[], None]
+    """The full check: raises with a message that names what is wrong and where."""
+    summary: str
+    """What a failed flag says without looking closer, e.g. ``"seg_logits hold NaN or Inf"``."""
+
+
+class DeferredChecks:
+    """Value checks whose flags are left on their way to the host, read later without a wait.
+
+    On a GPU reading a flag back at once is a synchronisation: the host waits until the GPU
+    has run everything queued before it, and the GPU then idles while the host launches the
+    next kernels. Here the flags are copied to the host without blocking (a pinned buffer, an
+    event recorded after the copy), so a later :meth:`raise_if_failed` waits at most for the
+    copy, not for the work queued since. ``ok`` stays on the device, for state that must not
+    change when a check fails (``torch.where(ok, new, old)``: no read). A failure names the
+    input from its flag only; the inputs themselves are not kept (they may be large and
+    would be held through the backward pass), so it cannot say which values.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1.0, float("nan")])
+        >>> checks = DeferredChecks([PendingCheck(finite_flag(x), lambda: None, "x holds NaN")])
+        >>> bool(checks.ok)
+        False
+        >>> checks.raise_if_failed()
+        Traceback (most recent call last):
+        ...
+        ValueError: value checks (validate='deferred') failed: x holds NaN. Rerun ...
+    """
+
+    def __init__(self, checks: Sequence[PendingCheck]) -> None:
+        if not checks:
+            raise ValueError("DeferredChecks needs at least one check.")
+        device = checks[0].flag.device
+        with torch.no_grad():
+            flags = torch.stack([check.flag.to(device) for check in checks])
+            self.ok: Tensor = flags.all()
+            """0-dim bool tensor on the checks' device: true when every check passes."""
+        self._summaries = [check.summary for check in checks]
+        self._event: Any = None
+        if device.type == "cuda":
+            self._flags = flags.to("cpu", non_blocking=True)  # into pinned memory
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:  # the CPU computes in order; another device is read when asked (one wait)
+            self._flags = flags
+
+    def failures(self) -> list[str]:
+        """The summaries of the checks that failed (empty: all passed); on a GPU waits only
+        for the flags' own copy."""
+        if self._event is not None:
+            self._event.synchronize()
+        passed = self._flags.cpu().tolist()
+        return [summary for summary, ok in zip(self._summaries, passed, strict=True) if not ok]
+
+    def raise_if_failed(self) -> None:
+        """Raise ``ValueError`` naming every failed check; return if all passed."""
+        failed = self.failures()
+        if failed:
+            raise ValueError(
+                f"value checks (validate='deferred') failed: {'; '.join(failed)}. Rerun with "
+                "validate=True (config rch.validate=true) for an error that shows the values."
+            )
 
 
 def check_option(name: str, value: Any, allowed: Collection[Any]) -> None:
@@ -145,19 +212,19 @@ def run_checks(checks: Sequence[PendingCheck]) -> None:
     Example:
         >>> import torch
         >>> x = torch.tensor([1.0, float("nan")])
-        >>> run_checks([(finite_flag(x[:1]), lambda: check_finite("a", x[:1]))])
-        >>> run_checks([(finite_flag(x), lambda: check_finite("b", x))])
+        >>> run_checks([PendingCheck(finite_flag(x[:1]), lambda: check_finite("a", x[:1]), "")])
+        >>> run_checks([PendingCheck(finite_flag(x), lambda: check_finite("b", x), "")])
         Traceback (most recent call last):
         ...
         ValueError: b contains 1 non-finite value(s) (NaN), the first at index (1,); ...
     """
     if not checks:
         return
-    device = checks[0][0].device
-    if bool(torch.stack([flag.to(device) for flag, _ in checks]).all()):
+    device = checks[0].flag.device
+    if bool(torch.stack([check.flag.to(device) for check in checks]).all()):
         return
-    for _, full in checks:
-        full()
+    for check in checks:
+        check.full()
 
 
 def check_labels(name: str, labels: Tensor, num_classes: int, ignore_index: int) -> None:

@@ -6,6 +6,7 @@ See ``RCH_SPEC.md`` sections 3 (``formulation="paper"``) and 4 (``formulation="o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from ._fused import PaperPlan, fused_paper_loss
 from ._validation import (
+    DeferredChecks,
     PendingCheck,
     check_finite,
     check_labels,
@@ -41,9 +43,13 @@ from .stats import (
     work_dtype,
 )
 
-__all__ = ["PrototypeSource", "RCHLossOutput", "rch_loss"]
+__all__ = ["PrototypeSource", "RCHLossOutput", "Validate", "rch_loss"]
 
 PrototypeSource = Literal["tp", "gt"]
+Validate = bool | Literal["deferred"]
+"""``validate`` of :func:`rch_loss`: check values now (``True``), not at all (``False``),
+or compute the checks and leave them for the caller to read later (``"deferred"``)."""
+VALIDATE_MODES: tuple[Validate, ...] = (True, False, "deferred")
 
 FORMULATIONS: tuple[Formulation, ...] = ("paper", "official")
 PROTOTYPE_SOURCES: tuple[PrototypeSource, ...] = ("tp", "gt")
@@ -62,6 +68,10 @@ class RCHLossOutput:
         updated: ``(K,)`` bool, classes whose prototype moved this step.
         tp_count: ``(K,)`` int64 true-positive pixels of this process's batch, counted at the
             embedding resolution; ``fn_count`` and ``fp_count`` likewise.
+        checks: with ``validate="deferred"``, the value checks, not yet read: keep state
+            from this output only where ``checks.ok`` (on the device), and call
+            ``checks.raise_if_failed()`` before using its results (e.g. before the optimiser
+            step). ``None`` otherwise.
     """
 
     loss: Tensor
@@ -72,6 +82,7 @@ class RCHLossOutput:
     tp_count: Tensor
     fn_count: Tensor
     fp_count: Tensor
+    checks: DeferredChecks | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,8 @@ def _validate(
         raise TypeError(f"momentum must be a float or a floating tensor; got {momentum.dtype}.")
     elif validate:  # a tensor's values: read back with the other value checks
         flag = ((momentum >= 0) & (momentum < 1)).all()
-        checks.append((flag, lambda: check_probability("momentum", momentum)))
+        full = partial(check_probability, "momentum", momentum)
+        checks.append(PendingCheck(flag, full, "momentum does not lie in [0, 1)"))
     if loss_mask is not None:
         check_tensor("loss_mask", loss_mask, ndim=3, layout="(B, H, W)", floating=None)
         if loss_mask.dtype != torch.bool or loss_mask.shape != labels.shape:
@@ -156,10 +168,21 @@ def _validate(
         return checks, None
     outliers = label_outliers(labels, k, ignore_index)
     # embeddings: checked in _rch_loss, from the row norms that the loss computes anyway
+    outside = f"labels hold values outside [0, {k}) that are not ignore_index={ignore_index}"
     checks += [
-        (~outliers.any(), lambda: check_labels("labels", labels, k, ignore_index)),
-        (finite_flag(seg_logits), lambda: check_finite("seg_logits", seg_logits)),
-        (finite_flag(prototypes), lambda: check_finite("prototypes", prototypes)),
+        PendingCheck(
+            ~outliers.any(), lambda: check_labels("labels", labels, k, ignore_index), outside
+        ),
+        PendingCheck(
+            finite_flag(seg_logits),
+            lambda: check_finite("seg_logits", seg_logits),
+            "seg_logits hold NaN or Inf",
+        ),
+        PendingCheck(
+            finite_flag(prototypes),
+            lambda: check_finite("prototypes", prototypes),
+            "prototypes hold NaN or Inf",
+        ),
     ]
     return checks, outliers
 
@@ -210,7 +233,7 @@ def rch_loss(
     update_prototypes: bool = True,
     process_group: dist.ProcessGroup | None = None,
     loss_mask: Tensor | None = None,
-    validate: bool = True,
+    validate: Validate = True,
 ) -> RCHLossOutput:
     """Representation-calibration loss of one training step (paper eq. 3-8).
 
@@ -250,15 +273,18 @@ def rch_loss(
             momentum tensor in ``[0, 1)``). The checks are read back from the device together,
             once per call, after the loss's work has been queued; on a GPU that
             synchronisation stalls the step, so a tuned training loop may turn them off (like
-            torchmetrics' ``validate_args``). Shapes, dtypes and options are always checked.
+            torchmetrics' ``validate_args``). ``"deferred"``: the checks are computed but
+            not read; the output's ``checks`` reads them later without stalling the GPU
+            (:class:`rch._validation.DeferredChecks`; a failure then names the input, not the
+            values). Shapes, dtypes and options are always checked.
 
     Returns:
         An :class:`RCHLossOutput`.
 
     Raises:
         TypeError: an argument has the wrong type or dtype.
-        ValueError: shapes disagree, a label is out of range, an input holds NaN/Inf, or an
-            option is unknown.
+        ValueError: shapes disagree, a label is out of range, an input holds NaN/Inf (with
+            ``validate=True``), or an option is unknown.
 
     Shape:
         - embeddings: ``(B, D, h, w)``; seg_logits: ``(B, K, h', w')``; labels:
@@ -277,6 +303,9 @@ def rch_loss(
         >>> round(out.loss.item(), 4), out.prototypes.shape, bool(emb.grad.abs().sum() > 0)
         (3.53, torch.Size([3, 8]), True)
     """
+    if not isinstance(validate, (bool, str)):
+        raise TypeError(f"validate must be True, False or 'deferred'; got {validate!r}.")
+    check_option("validate", validate, VALIDATE_MODES)
     checks, outliers = _validate(
         embeddings,
         seg_logits,
@@ -289,7 +318,7 @@ def rch_loss(
         ignore_index,
         prototype_source,
         loss_mask,
-        validate,
+        validate is not False,
     )
     if formulation == "paper" and alpha is not None and alpha != tau:
         raise ValueError(
@@ -320,8 +349,9 @@ def rch_loss(
             prototypes.to(dtype),
             step,
             loss_mask,
-            checks if validate else None,
+            checks if validate is not False else None,
             dtype,
+            defer=validate == "deferred",
         )
 
 
@@ -334,9 +364,11 @@ def _rch_loss(
     loss_mask: Tensor | None,
     checks: list[PendingCheck] | None,
     dtype: torch.dtype,
+    defer: bool = False,
 ) -> RCHLossOutput:
     """The loss; ``checks``: the value checks of :func:`_validate` (``None``: no value
-    checks), read back in one go with the embeddings' once the loss's work is queued.
+    checks), read back in one go with the embeddings' once the loss's work is queued, or,
+    with ``defer``, returned unread as the output's ``checks``.
 
     On a GPU that read waits for the device to catch up. Made first, it would leave the GPU
     idle while the host launches the loss's many small kernels one by one; made last, they
@@ -349,8 +381,9 @@ def _rch_loss(
     b, _, h, w = embeddings.shape
     k = prototypes.shape[0]
     if checks is not None:
-        finite = finite_flag(embeddings)
-        checks = [*checks, (finite, lambda: check_finite("embeddings", embeddings))]
+        full = partial(check_finite, "embeddings", embeddings)
+        summary = "embeddings hold NaN or Inf"
+        checks = [*checks, PendingCheck(finite_flag(embeddings), full, summary)]
     small_labels = resize_labels(labels, (h, w))
     logits = resize_logits(seg_logits, (h, w), dtype)
     # any class stands in for an ignored pixel's target: its margin and loss are zero
@@ -395,9 +428,12 @@ def _rch_loss(
         )
     tp, fn, fp = set_counts(sets, k)
     loss = loss_fn + loss_fp
-    if checks is not None:
+    deferred = None
+    if checks is not None and defer:
+        deferred = DeferredChecks(checks)
+    elif checks is not None:
         run_checks(checks)
-    return RCHLossOutput(loss, loss_fn, loss_fp, prototypes, updated, tp, fn, fp)
+    return RCHLossOutput(loss, loss_fn, loss_fp, prototypes, updated, tp, fn, fp, deferred)
 
 
 def _official_loss(

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._validation import (
+    DeferredChecks,
     check_finite,
     check_option,
     check_positive,
@@ -19,7 +20,15 @@ from ._validation import (
 )
 from .diagnostics import CalibrationStats, calibration_stats
 from .errors import RCHError
-from .functional import FORMULATIONS, PROTOTYPE_SOURCES, PrototypeSource, RCHLossOutput, rch_loss
+from .functional import (
+    FORMULATIONS,
+    PROTOTYPE_SOURCES,
+    VALIDATE_MODES,
+    PrototypeSource,
+    RCHLossOutput,
+    Validate,
+    rch_loss,
+)
 from .loss import Formulation
 
 __all__ = ["PrototypeInit", "PrototypeMode", "RCHHead", "RCHHeadOutput"]
@@ -81,8 +90,11 @@ class RCHHead(nn.Module):
             prototypes); see :func:`rch.functional.rch_loss`. On a GPU they cost one host
             synchronisation a step (the loss's checks, read back together). A non-finite
             feature makes non-finite embeddings; when that check fails, the features are
-            checked too, so that the error names them. Turn the checks off for speed once a
-            training setup is trusted.
+            checked too, so that the error names them. ``"deferred"``: the checks are
+            computed but read only by :meth:`check` (no synchronisation: call it where the
+            training loop reads its losses anyway, before the optimiser step), or at the
+            latest by the next forward call; a step whose checks fail leaves the prototypes
+            as they were. ``False``: no checks, for speed once a training setup is trusted.
 
     Shape:
         - features: ``(B, C_in, h, w)``; seg_logits: ``(B, K, h', w')``; labels: ``(B, H, W)``.
@@ -121,7 +133,7 @@ class RCHHead(nn.Module):
         prototype_init: PrototypeInit = "randn",
         warmup_iters: int = 0,
         process_group: dist.ProcessGroup | None = None,
-        validate: bool = True,
+        validate: Validate = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -135,6 +147,9 @@ class RCHHead(nn.Module):
         check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
         check_option("prototypes", prototypes, ("ema", "learned"))
         check_option("prototype_init", prototype_init, ("randn", "first"))
+        if not isinstance(validate, (bool, str)):
+            raise TypeError(f"validate must be True, False or 'deferred'; got {validate!r}.")
+        check_option("validate", validate, VALIDATE_MODES)
         check_positive("tau", tau)
         check_probability("momentum", momentum)
         if alpha is not None:
@@ -159,6 +174,8 @@ class RCHHead(nn.Module):
         # (features, embeddings) of the last embed(), weakly held: a failed value check of
         # those embeddings then looks at the features, to name a non-finite one
         self._embedded: tuple[weakref.ref[Tensor], weakref.ref[Tensor]] | None = None
+        # validate="deferred": the value checks of the steps since the last check()
+        self._pending: list[DeferredChecks] = []
         self.record_stats = False
         """Set to ``True`` to get per-class statistics with the next forward's output
         (costs about one more pass over the embeddings; a trainer sets it on logging steps)."""
@@ -236,7 +253,7 @@ class RCHHead(nn.Module):
             # e.g. a bf16 feature from an autocast forward, with the loss asked for outside it
             features = features.to(weight.dtype)
         out: Tensor = self.projection(features)
-        if self.validate:  # no check (no host read) here: the loss checks the embeddings
+        if self.validate is True:  # no check (no host read) here: the loss checks them
             self._embedded = (weakref.ref(given), weakref.ref(out))
         return out
 
@@ -253,7 +270,18 @@ class RCHHead(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_embedded"] = None  # weak references do not pickle; they matter for one step
+        state["_pending"] = []  # nor do CUDA events; a copy starts with nothing to check
         return state
+
+    def check(self) -> None:
+        """Read the value checks that ``validate="deferred"`` left pending (without waiting
+        for the GPU's later work) and raise ``ValueError`` naming what failed; nothing to do
+        in the other modes. A training loop calls it once a step, after the backward pass
+        is launched and before the optimiser step; the next forward call does it otherwise.
+        """
+        pending, self._pending = self._pending, []
+        for checks in pending:
+            checks.raise_if_failed()
 
     def _momentum(self) -> float | Tensor:
         if self.prototype_init == "first":
@@ -280,6 +308,7 @@ class RCHHead(nn.Module):
         loss_mask: Tensor | None = None,
     ) -> RCHHeadOutput:
         """:meth:`forward` from embeddings already made by :meth:`embed` (``(B, D, h, w)``)."""
+        self.check()  # a failure that the caller has not read yet is not passed over
         if self.training and self.warming_up:
             self._advance()
             zero = embeddings.sum() * 0.0
@@ -317,11 +346,17 @@ class RCHHead(nn.Module):
                 raise features_err from err
             raise
         self._embedded = None
+        if out.checks is not None:
+            self._pending.append(out.checks)
         if self.training:
             if update:
                 with torch.no_grad():
-                    self.prototypes.copy_(out.prototypes.detach())
-                    self.initialized |= out.updated
+                    moved, updated = out.prototypes.detach(), out.updated
+                    if out.checks is not None:  # kept only if the checks pass: no host read
+                        moved = torch.where(out.checks.ok, moved, self.prototypes)
+                        updated = updated & out.checks.ok
+                    self.prototypes.copy_(moved)
+                    self.initialized |= updated
             self._advance()
         stats = None
         if before is not None:

@@ -188,6 +188,11 @@ class RCHAttachment(nn.Module):
         out: RCHHeadOutput = self.head.forward_embedded(embedding, seg_logits, labels, loss_mask)
         return out
 
+    def rch_check(self) -> None:
+        """Raise if the value checks of the head's ``validate="deferred"`` failed (see
+        :meth:`RCHHead.check`): call it once a step, before the optimiser step."""
+        self.head.check()
+
     def export(self) -> nn.Module:
         """The user's model with the hook removed: exactly the baseline network."""
         return export(self)

@@ -251,6 +251,7 @@ def test_rch_adds_one_host_read_to_a_step_with_checks_and_none_without(tmp_path,
         ("baseline", {"enabled": False}),
         ("checked", {"validate": True}),
         ("unchecked", {"validate": False}),
+        ("deferred", {"validate": "deferred"}),
     ):
         cfg = tiny_config(tmp_path, rch={**rch, "embed_dim": 8})
         torch.manual_seed(0)
@@ -264,3 +265,35 @@ def test_rch_adds_one_host_read_to_a_step_with_checks_and_none_without(tmp_path,
     assert reads["baseline"] == []
     assert reads["checked"] == ["__bool__"]
     assert reads["unchecked"] == []
+    assert reads["deferred"] == []  # read later, where the trainer reads its losses
+
+
+def test_deferred_checks_stop_a_run_before_the_optimiser_step(tmp_path, monkeypatch):
+    """``rch.validate=deferred`` (the default) reads RCH's value checks where the trainer
+    reads the step's losses anyway, and a failure stops the run there: before the optimiser
+    step, with the iteration and the input named."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from rch import RCHHead
+
+    cfg = tiny_config(tmp_path)
+    assert cfg.rch.validate == "deferred"
+    forward_embedded = RCHHead.forward_embedded
+
+    def poisoned(self, embeddings, *args, **kwargs):
+        return forward_embedded(self, embeddings * float("nan"), *args, **kwargs)
+
+    monkeypatch.setattr(RCHHead, "forward_embedded", poisoned)
+    steps = []
+    handle = register_optimizer_step_pre_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"iteration 0: value checks .*embeddings hold NaN"):
+            train(cfg, progress=False)
+    finally:
+        handle.remove()
+    assert steps == []
+
+
+def test_unknown_rch_validate_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"rch\.validate must be one of True, False, 'deferred'"):
+        build_network(tiny_config(tmp_path, rch={"validate": "often"}), 10)

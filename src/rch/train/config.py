@@ -82,9 +82,11 @@ class RCHConfig:
     # averages over OHEM's pixels, the statistics use every labelled pixel), "hide" (the
     # pixels OHEM drops are hidden from RCH, statistics too) or "off" (RCH ignores OHEM)
     ohem: str = "loss"
-    # check values each step (labels in range, no NaN/Inf); on a GPU they cost one host
-    # synchronisation a step, so a tuned run may turn them off
-    validate: bool = True
+    # check values each step (labels in range, no NaN/Inf): "deferred" reads them where the
+    # trainer reads its losses anyway (no extra host synchronisation on a GPU; an error names
+    # the input), true at once (the error also shows the values; one synchronisation a step),
+    # false not at all
+    validate: bool | str = "deferred"
     layer: str | None = None  # override the preset's feature layer
     select: int | str | None = None
 

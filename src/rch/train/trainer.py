@@ -33,6 +33,7 @@ from ..data.datasets import SegmentationDataset
 from ..diagnostics import STAT_NAMES, CalibrationStats, format_stats, summarize
 from ..errors import RCHError
 from ..eval import EvalResult, InferenceConfig, evaluate, format_scores
+from ..functional import VALIDATE_MODES
 from ..hooks import RCHAttachment, attach
 from ..models import BuiltModel, build_model, split_outputs
 from .allocator import retain_freed_memory
@@ -81,6 +82,7 @@ class TrainResult:
 def build_network(cfg: Config, num_classes: int) -> Network:
     """The network of ``cfg.model`` with RCH attached as ``cfg.rch`` says (or not)."""
     check_option("rch.ohem", cfg.rch.ohem, RCH_OHEM)
+    check_option("rch.validate", cfg.rch.validate, VALIDATE_MODES)
     built = build_model(cfg.model.name, num_classes, cfg.model.pretrained, **cfg.model.options)
     if not cfg.rch.enabled:
         return Network(built.model, built.model, built)
@@ -444,6 +446,11 @@ def _train(
                 scaler.scale(parts["loss"] / accum).backward()
             for key, value in parts.items():
                 logs[key] = logs.get(key, 0.0) + float(value.detach()) / accum
+        if net.attachment is not None:  # rch.validate=deferred: read here, after the losses
+            try:
+                net.attachment.rch_check()
+            except ValueError as err:  # before the optimiser step: the weights stay as they were
+                raise ValueError(f"iteration {it}: {err}") from err
         if not all(map(_finite, logs.values())):
             raise RCHError(f"non-finite loss at iteration {it}: {logs}")
         scaler.step(optimizer)
