@@ -8,7 +8,7 @@ import torch
 from rch._validation import DeferredChecks, PendingCheck, finite_flag
 from rch.functional import rch_loss
 
-from .conftest import make_case
+from .conftest import DEVICE, make_case
 
 
 def _call(**changes):
@@ -169,13 +169,14 @@ def _never() -> None:
 def test_deferred_checks_name_every_failure_and_keep_ok_on_the_device():
     from .test_functional import _HostReads
 
-    good, bad = torch.ones(3), torch.tensor([1.0, float("inf")])
+    good = torch.ones(3, device=DEVICE)  # on CUDA: the pinned copy and its event
+    bad = torch.tensor([1.0, float("inf")], device=DEVICE)
     with _HostReads() as spy:  # made without a host read
         checks = DeferredChecks(
             [
                 PendingCheck(finite_flag(good), _never, "a holds NaN or Inf"),
                 PendingCheck(finite_flag(bad), _never, "b holds NaN or Inf"),
-                PendingCheck(torch.tensor(False), _never, "c is out of range"),
+                PendingCheck(torch.tensor(False, device=DEVICE), _never, "c is out of range"),
             ]
         )
     assert spy.reads == []

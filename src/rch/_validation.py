@@ -68,10 +68,11 @@ class DeferredChecks:
             """0-dim bool tensor on the checks' device: true when every check passes."""
         self._summaries = [check.summary for check in checks]
         self._event: Any = None
-        if device.type == "cuda":
-            self._flags = flags.to("cpu", non_blocking=True)  # into pinned memory
+        if device.type == "cuda":  # pinned: a copy into pageable memory would block
+            self._flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self._flags.copy_(flags, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(device))  # the copy's stream
         else:  # the CPU computes in order; another device is read when asked (one wait)
             self._flags = flags
 

@@ -51,6 +51,14 @@ Validate = bool | Literal["deferred"]
 or compute the checks and leave them for the caller to read later (``"deferred"``)."""
 VALIDATE_MODES: tuple[Validate, ...] = (True, False, "deferred")
 
+
+def check_validate(name: str, value: object) -> None:
+    """Raise unless ``value`` is one of :data:`VALIDATE_MODES` (``1`` is not ``True`` here)."""
+    if not isinstance(value, (bool, str)):
+        raise TypeError(f"{name} must be True, False or 'deferred'; got {value!r}.")
+    check_option(name, value, VALIDATE_MODES)
+
+
 FORMULATIONS: tuple[Formulation, ...] = ("paper", "official")
 PROTOTYPE_SOURCES: tuple[PrototypeSource, ...] = ("tp", "gt")
 
@@ -303,9 +311,7 @@ def rch_loss(
         >>> round(out.loss.item(), 4), out.prototypes.shape, bool(emb.grad.abs().sum() > 0)
         (3.53, torch.Size([3, 8]), True)
     """
-    if not isinstance(validate, (bool, str)):
-        raise TypeError(f"validate must be True, False or 'deferred'; got {validate!r}.")
-    check_option("validate", validate, VALIDATE_MODES)
+    check_validate("validate", validate)
     checks, outliers = _validate(
         embeddings,
         seg_logits,

@@ -23,10 +23,10 @@ from .errors import RCHError
 from .functional import (
     FORMULATIONS,
     PROTOTYPE_SOURCES,
-    VALIDATE_MODES,
     PrototypeSource,
     RCHLossOutput,
     Validate,
+    check_validate,
     rch_loss,
 )
 from .loss import Formulation
@@ -147,9 +147,7 @@ class RCHHead(nn.Module):
         check_option("prototype_source", prototype_source, PROTOTYPE_SOURCES)
         check_option("prototypes", prototypes, ("ema", "learned"))
         check_option("prototype_init", prototype_init, ("randn", "first"))
-        if not isinstance(validate, (bool, str)):
-            raise TypeError(f"validate must be True, False or 'deferred'; got {validate!r}.")
-        check_option("validate", validate, VALIDATE_MODES)
+        check_validate("validate", validate)
         check_positive("tau", tau)
         check_probability("momentum", momentum)
         if alpha is not None:

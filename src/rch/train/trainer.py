@@ -33,7 +33,7 @@ from ..data.datasets import SegmentationDataset
 from ..diagnostics import STAT_NAMES, CalibrationStats, format_stats, summarize
 from ..errors import RCHError
 from ..eval import EvalResult, InferenceConfig, evaluate, format_scores
-from ..functional import VALIDATE_MODES
+from ..functional import check_validate
 from ..hooks import RCHAttachment, attach
 from ..models import BuiltModel, build_model, split_outputs
 from .allocator import retain_freed_memory
@@ -82,7 +82,7 @@ class TrainResult:
 def build_network(cfg: Config, num_classes: int) -> Network:
     """The network of ``cfg.model`` with RCH attached as ``cfg.rch`` says (or not)."""
     check_option("rch.ohem", cfg.rch.ohem, RCH_OHEM)
-    check_option("rch.validate", cfg.rch.validate, VALIDATE_MODES)
+    check_validate("rch.validate", cfg.rch.validate)
     built = build_model(cfg.model.name, num_classes, cfg.model.pretrained, **cfg.model.options)
     if not cfg.rch.enabled:
         return Network(built.model, built.model, built)
