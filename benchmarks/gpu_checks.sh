@@ -20,14 +20,26 @@
 # wheel here first (`pip download --no-deps -d .whl 'segmentation-models-pytorch>=0.6,<0.7'`),
 # carry `.whl` along (git-ignored), and there run `pip install --no-index --no-deps --target
 # /tmp/site .whl/*.whl` with PYTHONPATH=/tmp/site before this script.
+# BUDGET (seconds, default 540): the whole script's time; a step gets at most what is left of
+# it less 10 s, and is skipped with under 15 s left, so that the archive step always runs (a
+# lent machine's command limit would otherwise kill the script before it, and the logs with
+# it). Run it under a limit above BUDGET + 20.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_checks.sh OUT_DIR}
 py=${PYTHON:-python3}
+budget=${BUDGET:-540}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 step() {  # step NAME SECONDS CMD...: run, log to OUT/NAME.log, remember a failure
     local name=$1 limit=$2; shift 2
+    local left=$((budget - SECONDS - 10))
+    if [ "$left" -lt 15 ]; then
+        echo "== $name: skipped, ${left} s left of BUDGET=$budget" | tee "$out/$name.log"
+        status=1
+        return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     echo "== $name: $*"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -n 25

@@ -43,7 +43,7 @@ from .stats import (
     work_dtype,
 )
 
-__all__ = ["PrototypeSource", "RCHLossOutput", "Validate", "rch_loss"]
+__all__ = ["DeferredChecks", "PrototypeSource", "RCHLossOutput", "Validate", "rch_loss"]
 
 PrototypeSource = Literal["tp", "gt"]
 Validate = bool | Literal["deferred"]
@@ -283,7 +283,7 @@ def rch_loss(
             synchronisation stalls the step, so a tuned training loop may turn them off (like
             torchmetrics' ``validate_args``). ``"deferred"``: the checks are computed but
             not read; the output's ``checks`` reads them later without stalling the GPU
-            (:class:`rch._validation.DeferredChecks`; a failure then names the input, not the
+            (:class:`DeferredChecks`; a failure then names the input, not the
             values). Shapes, dtypes and options are always checked.
 
     Returns:
