@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -132,6 +133,29 @@ def test_step_ops_times_the_gpu_as_the_union_of_its_activities():
     assert ops.gpu_activity(events) == (4, 1.5)  # 100-1000 and 2000-2600 us
     assert ops.gpu_activity([event(cpu, 0, 5)]) == (0, 0)
     assert ops.busy_us([(0, 10), (2, 3)]) == 10
+
+
+@pytest.mark.parametrize(("budget", "ran"), [(60, True), (20, False)])
+def test_gpu_checks_always_archive_their_logs(tmp_path: Path, budget: int, ran: bool):
+    """A lent GPU machine kills a command at its time limit, and then nothing of it comes
+    back: ``gpu_checks.sh`` keeps within ``BUDGET``, skipping the steps it has no time for,
+    so that its last step, the logs' archive, always runs. (``PYTHON=false``: every step
+    fails at once, as each step's failure is remembered in the exit status.)"""
+    import tarfile
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": "false", "BUDGET": str(budget)}
+    script = str(ROOT / "benchmarks" / "gpu_checks.sh")
+    run = subprocess.run(
+        ["bash", script, str(out)], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz"]
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        logs = {m.name: archive.extractfile(m).read().decode() for m in archive.getmembers()}
+    assert {"cuda_tests.log", "train_cost.log", "train_cost_immediate.log"} <= set(logs)
+    skipped = [name for name, text in logs.items() if "skipped" in text]
+    assert skipped == ([] if ran else list(logs)), logs
 
 
 def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
