@@ -49,8 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import gpu_path, run_meta, write_results
-from rch.train.trainer import step_losses
-from train_cost import NETWORKS, amp_dtype, batch, build
+from train_cost import NETWORKS, amp_dtype, batch, build, train_step
 
 NO_KERNEL = frozenset(
     {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "scalar_tensor"}
@@ -148,15 +147,13 @@ def count_step(
     kernels: dict[str, tuple[int, float]] = {}
     for step in range(2):
         counters = {phase: OpCounter() for phase in PHASES}
-        opt.zero_grad(set_to_none=True)
-        with cuda_kernels(args.device, kernels, "forward"), counters["forward"]:
-            parts, _ = step_losses(cfg, net, net.module, x, y, amp)
-        with cuda_kernels(args.device, kernels, "backward"), counters["backward"]:
-            parts["loss"].backward()
-        if net.attachment is not None:  # deferred checks: read here, as train_step does
-            net.attachment.rch_check()
-        with cuda_kernels(args.device, kernels, "optimizer"), counters["optimizer"]:
-            opt.step()
+
+        @contextlib.contextmanager
+        def counted(phase: str, counters: dict[str, OpCounter] = counters) -> Iterator[None]:
+            with cuda_kernels(args.device, kernels, phase), counters[phase]:
+                yield
+
+        train_step(cfg, net, opt, x, y, amp, counted)
         if step == 1:
             phases = {phase: counter.ops for phase, counter in counters.items()}
     total: Counter[str] = sum(phases.values(), Counter())

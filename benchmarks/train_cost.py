@@ -108,13 +108,22 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     amp_dtype: torch.dtype | None,
+    phase: Callable[[str], contextlib.AbstractContextManager[Any]] = lambda _: (
+        contextlib.nullcontext()
+    ),
 ) -> None:
+    """One training step as the trainer runs it; ``phase(name)`` wraps each of its three
+    phases, ``"forward"`` (and the losses), ``"backward"`` and ``"optimizer"`` (for
+    ``step_ops.py``, which counts what each runs)."""
     opt.zero_grad(set_to_none=True)
-    parts, _ = step_losses(cfg, net, net.module, x, y, amp_dtype)
-    parts["loss"].backward()
+    with phase("forward"):
+        parts, _ = step_losses(cfg, net, net.module, x, y, amp_dtype)
+    with phase("backward"):
+        parts["loss"].backward()
     if net.attachment is not None:  # rch.validate=deferred: read before the step, as the
         net.attachment.rch_check()  # trainer does
-    opt.step()
+    with phase("optimizer"):
+        opt.step()
 
 
 def amp_dtype(amp: str) -> torch.dtype | None:
