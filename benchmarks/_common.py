@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import platform
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rch import _fused, stats
+from rch import _fused
 
 
 def run_meta(argv: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -44,18 +45,18 @@ def write_results(path: Path, data: dict[str, Any]) -> None:
 def gpu_path(chunk_bytes: int = _fused.DEVICE_CHUNK_BYTES) -> Iterator[None]:
     """The loss's device switches as on a GPU, with blocks of ``chunk_bytes`` (default: the
     GPU's), on the CPU: every code path that the switches choose runs as it would on a GPU."""
-    names = ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON", "BLOCKED_PREDICTION_ON")
-    saved = {name: getattr(stats, name) for name in names}
-    saved_fused = (_fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES)
-    for name in names:
-        setattr(stats, name, ())
-    _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = (), chunk_bytes
+    switches = [(importlib.import_module(m), name) for m, name in _fused.CPU_ONLY_SWITCHES]
+    saved = [(module, name, getattr(module, name)) for module, name in switches]
+    saved_chunk = _fused.CHUNK_BYTES
+    for module, name in switches:
+        setattr(module, name, ())
+    _fused.CHUNK_BYTES = chunk_bytes
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(stats, name, value)
-        _fused.BLAS_IN_BACKWARD_ON, _fused.CHUNK_BYTES = saved_fused
+        for module, name, value in saved:
+            setattr(module, name, value)
+        _fused.CHUNK_BYTES = saved_chunk
 
 
 CONV_PRODUCTS_HELP = (

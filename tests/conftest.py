@@ -80,11 +80,12 @@ def use_gpu_path(monkeypatch: pytest.MonkeyPatch, *, tiny_blocks: bool = False) 
     prediction from native reductions (``BLOCKED_PREDICTION_ON``) and no BLAS in the backward
     pass (``rch._fused.BLAS_IN_BACKWARD_ON``). ``tiny_blocks``: also
     blocks of 64 rows and bags of one row, so that every blockwise loop runs many times."""
-    from rch import _fused, stats
+    import importlib
 
-    for name in ("COMPACT_ON", "BINCOUNT_ON", "SORTED_SUMS_ON", "BLOCKED_PREDICTION_ON"):
-        monkeypatch.setattr(stats, name, ())
-    monkeypatch.setattr(_fused, "BLAS_IN_BACKWARD_ON", ())
+    from rch import _fused
+
+    for module, name in _fused.CPU_ONLY_SWITCHES:
+        monkeypatch.setattr(importlib.import_module(module), name, ())
     if tiny_blocks:
         for name in ("CHUNK_BYTES", "DEVICE_CHUNK_BYTES", "BAG_INDEX_BYTES"):
             monkeypatch.setattr(_fused, name, 1)

@@ -735,3 +735,19 @@ def test_paper_loss_leaves_channels_last_embeddings_as_they_were():
     (ga,) = torch.autograd.grad(a.loss, dense)
     (gb,) = torch.autograd.grad(b.loss, last)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+
+
+def test_the_gpu_path_switches_are_listed_once_and_completely():
+    """``use_gpu_path`` and the benchmarks' ``gpu_path`` switch what ``CPU_ONLY_SWITCHES``
+    lists: every ``*_ON`` device switch of the loss's modules that is on for the CPU only."""
+    import importlib
+
+    listed = set(_fused.CPU_ONLY_SWITCHES)
+    found = {
+        (module, name)
+        for module in ("rch.stats", "rch._fused")
+        for name, value in vars(importlib.import_module(module)).items()
+        if name.endswith("_ON") and value == ("cpu",)
+    }
+    assert listed == found
+    assert len(listed) == len(_fused.CPU_ONLY_SWITCHES)

@@ -86,6 +86,17 @@ taken from the caching allocator for the call only. Whether that pays on a GPU i
 follow cuDNN's precision settings (TF32 allowed by default on Ampere and later, as for the
 network's own convolutions); BLAS keeps float32 products."""
 
+CPU_ONLY_SWITCHES: tuple[tuple[str, str], ...] = (
+    ("rch.stats", "COMPACT_ON"),
+    ("rch.stats", "BINCOUNT_ON"),
+    ("rch.stats", "SORTED_SUMS_ON"),
+    ("rch.stats", "BLOCKED_PREDICTION_ON"),
+    ("rch._fused", "BLAS_IN_BACKWARD_ON"),
+)
+"""(module, name) of every device switch that is on for the CPU only: emptied, they make the
+CPU run the code paths a GPU runs (the tests' ``use_gpu_path``, the benchmarks' ``gpu_path``;
+a test checks that the list is complete)."""
+
 BAG_INDEX_BYTES = 1 << 21
 """The bag of the K prototype rows per pixel reads an index of K entries per pixel: it runs
 over sub-blocks whose index stays within this many bytes."""
