@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one script: the core's tests on CUDA (fp16 autocast
 # and the no-host-sync check included), a short fp16-AMP training run, the training-step
-# cost at the paper's crop (512 x 1024, AMP fp16; with and without rch.validate) and the
-# loss cost on the GPU, what is live at the step's memory peak (gpu_memory.py; for
-# DeepLabV3 also with small cuBLAS workspaces, and with RCH's products as convolutions) and
-# the kernels a step launches. Most
-# important first: a lent machine's time may end before the last step. 5.5 minutes on an
+# cost at the paper's crop (512 x 1024, AMP fp16; without value checks, with them deferred,
+# the trainer's default, and for DeepLabV3 read at once) and the loss cost on the GPU, what is
+# live at the step's memory peak (gpu_memory.py; for DeepLabV3 also with small cuBLAS
+# workspaces, and with RCH's products as convolutions) and the kernels a step launches, with
+# their GPU time. It ends by printing one page of the numbers to read first
+# (gpu_summary.py: the ratios against the 3 % target). Most important first: a lent machine's time may end before the last step. 5.5 minutes on an
 # H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
 # 18 s, loss_cost 22 s, the AMP run 19 s), measured before the small-workspace step was
 # added (about 20 s more, estimated from gpu_memory's 18 s) and before train_cost went from
@@ -36,6 +37,7 @@ step() {  # step NAME SECONDS CMD...: run, log to OUT/NAME.log, remember a failu
     local left=$((budget - SECONDS - 10))
     if [ "$left" -lt 15 ]; then
         echo "== $name: skipped, ${left} s left of BUDGET=$budget" | tee "$out/$name.log"
+        printf '%s\tskipped\t0\n' "$name" >>"$out/steps.tsv"
         status=1
         return
     fi
@@ -45,6 +47,7 @@ step() {  # step NAME SECONDS CMD...: run, log to OUT/NAME.log, remember a failu
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -n 25
     local rc=${PIPESTATUS[0]}
     echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$out/steps.tsv"
     [ "$rc" = 0 ] || status=1
 }
 nvidia-smi -L
@@ -87,8 +90,15 @@ step step_ops 90 "$py" benchmarks/step_ops.py --device cuda --amp fp16 \
 step train_cost_immediate 60 "$py" benchmarks/train_cost.py --device cuda --amp fp16 \
     --crop 512 1024 --reps 40 --validate true --networks deeplabv3_resnet50 \
     --out "$out/train_cost_immediate.json"
-# at most 8 files come back: the logs and the smaller memory reports go into one archive
+# the page to read first (benchmarks/gpu_summary.py: the ratios against the 3 % target, the
+# memory peaks, the GPU time RCH adds), printed last so that it ends the command's output
+"$py" benchmarks/gpu_summary.py "$out" > "$out/summary.md" || status=1
+# at most 8 files come back: the logs, the smaller memory reports and the summary go into one
+# archive
 tar -C "$out" -czf "$out/logs.tar.gz" \
-    $(cd "$out" && ls *.log gpu_memory_*.json train_cost_immediate.json 2>/dev/null)
-rm -f "$out"/*.log "$out"/gpu_memory_*.json "$out"/train_cost_immediate.json
+    $(cd "$out" && ls *.log gpu_memory_*.json train_cost_immediate.json summary.md steps.tsv \
+        2>/dev/null)
+cat "$out/summary.md"
+rm -f "$out"/*.log "$out"/gpu_memory_*.json "$out"/train_cost_immediate.json "$out"/summary.md \
+    "$out"/steps.tsv
 exit $status

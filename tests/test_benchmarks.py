@@ -154,8 +154,68 @@ def test_gpu_checks_always_archive_their_logs(tmp_path: Path, budget: int, ran: 
     with tarfile.open(out / "logs.tar.gz") as archive:
         logs = {m.name: archive.extractfile(m).read().decode() for m in archive.getmembers()}
     assert {"cuda_tests.log", "train_cost.log", "train_cost_immediate.log"} <= set(logs)
-    skipped = [name for name, text in logs.items() if "skipped" in text]
-    assert skipped == ([] if ran else list(logs)), logs
+    assert "summary.md" in logs  # empty here: its script ran as `false` too
+    step_logs = [name for name in logs if name.endswith(".log")]
+    skipped = [name for name in step_logs if "skipped" in logs[name]]
+    assert skipped == ([] if ran else step_logs), logs
+    # one line per step for the summary: its name, exit status (or "skipped") and seconds
+    steps = [line.split("\t") for line in logs["steps.tsv"].splitlines()]
+    assert sorted(f"{name}.log" for name, _, _ in steps) == sorted(step_logs)
+    assert {rc for _, rc, _ in steps} == ({"1"} if ran else {"skipped"})
+
+
+def test_gpu_summary_puts_each_run_against_the_target(tmp_path: Path, capsys):
+    """The page that ends ``gpu_checks.sh``'s output: every run's ratios, starred above 3 %,
+    and a line for each file a failed or skipped step did not write."""
+    import doctest
+
+    summary = _bench_module("gpu_summary")
+    assert doctest.testmod(summary).failed == 0
+    same = {
+        "params_exported": 5, "params_baseline": 5, "flops_exported": 7, "flops_baseline": 7,
+        "outputs_bitwise_equal_to_attached": True, "state_dict_keys_equal": True,
+    }  # fmt: skip
+    cost = {
+        "time_ratio": 1.0412,
+        "paired_ratio_quartiles": [1.01, 1.04, 1.06],
+        "memory_ratio": 1.021,
+        "syncs_per_step": {"baseline": 0, "rch": 0},
+        "inference": same,
+    }
+    differs = {**cost, "time_ratio": 1.02, "inference": {**same, "flops_exported": 8}}
+    files = {
+        "train_cost_cuda_fp16.json": {"results": {"net_a": cost, "net_b": differs}},
+        "gpu_memory.json": {
+            "networks": {
+                "net_a": {
+                    "baseline": {"max_memory_allocated_mib": 2000.0, "peak_label": "x.py:1 f"},
+                    "rch": {"max_memory_allocated_mib": 2070.0, "peak_label": "rch/y.py:2 g"},
+                }
+            }
+        },
+        "step_ops_cuda.json": {
+            "results": {
+                "net_a": {
+                    "rch": {
+                        "step": {"launches": 900, "reads": 0, "kernels": 950, "gpu_ms": 44.5},
+                        "added_launches": 300,
+                        "added_gpu_ms": 1.25,
+                    }
+                }
+            }
+        },
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    assert summary.main([str(tmp_path)]) == 0
+    page = capsys.readouterr().out
+    row = "| net_a | 1.041* | 1.010-1.060 | 1.021 | 0/0 | identical |"
+    assert "| checks deferred (the trainer's default) " + row in page
+    assert "| net_b | 1.020 |" in page and "DIFFERENT" in page
+    assert "| no value checks | (no `train_cost_cuda_fp16_novalidate.json`: see its log)" in page
+    assert "| default | net_a | 2000 | 2070 | 1.035* | rch/y.py:2 g |" in page
+    assert "(no `gpu_memory_conv.json`: see its log)" in page
+    assert "| net_a | rch | 900 (+300) | 950 | 0 | 44.50 (+1.25) |" in page
 
 
 def test_camvid_protocol_pairs_seeds_and_resumes(tmp_path: Path):
