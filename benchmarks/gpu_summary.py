@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,48 +70,55 @@ def _same_inference(inference: dict[str, Any]) -> bool:
     )
 
 
-def train_cost_table(out: Path) -> list[str]:
-    """One row per network of every ``train_cost.py`` run found in ``out``."""
-    lines = [
-        "| run | network | time | pairs IQR | memory | syncs (base/RCH) | inference |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, label in TRAIN_COST_RUNS:
+def _runs_table(
+    out: Path,
+    runs: tuple[tuple[str, str], ...],
+    header: str,
+    section: str,
+    cells: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """A Markdown table with a row per run and network: ``run | network | cells(result)``
+    for each network of ``data[section]`` in each of ``runs``' files found in ``out``, and
+    a row saying which file is missing for the others."""
+    columns = header.count("|") - 1
+    lines = [header, "|" + "---|" * columns]
+    for name, label in runs:
         data = _load(out / name)
         if data is None:
-            lines.append(f"| {label} | (no `{name}`: see its log) | | | | | |")
+            lines.append(f"| {label} | (no `{name}`: see its log) |" + " |" * (columns - 2))
             continue
-        for network, res in data["results"].items():
-            q1, _, q3 = res["paired_ratio_quartiles"]
-            syncs = res.get("syncs_per_step", {})
-            sync_text = f"{syncs['baseline']}/{syncs['rch']}" if syncs else "-"
-            same = "identical" if _same_inference(res.get("inference", {})) else "DIFFERENT"
-            lines.append(
-                f"| {label} | {network} | {mark(res['time_ratio'])} | {q1:.3f}-{q3:.3f} | "
-                f"{mark(res['memory_ratio'])} | {sync_text} | {same} |"
-            )
+        for network, res in data[section].items():
+            lines.append(f"| {label} | {network} | {cells(res)} |")
     return lines
+
+
+def _cost_cells(res: dict[str, Any]) -> str:
+    q1, _, q3 = res["paired_ratio_quartiles"]
+    syncs = res.get("syncs_per_step", {})
+    sync_text = f"{syncs['baseline']}/{syncs['rch']}" if syncs else "-"
+    same = "identical" if _same_inference(res.get("inference", {})) else "DIFFERENT"
+    return (
+        f"{mark(res['time_ratio'])} | {q1:.3f}-{q3:.3f} | {mark(res['memory_ratio'])} | "
+        f"{sync_text} | {same}"
+    )
+
+
+def _memory_cells(res: dict[str, Any]) -> str:
+    base = res["baseline"]["max_memory_allocated_mib"]
+    rch = res["rch"]["max_memory_allocated_mib"]
+    return f"{base:.0f} | {rch:.0f} | {mark(rch / base)} | {res['rch']['peak_label']}"
+
+
+def train_cost_table(out: Path) -> list[str]:
+    """One row per network of every ``train_cost.py`` run found in ``out``."""
+    header = "| run | network | time | pairs IQR | memory | syncs (base/RCH) | inference |"
+    return _runs_table(out, TRAIN_COST_RUNS, header, "results", _cost_cells)
 
 
 def memory_table(out: Path) -> list[str]:
     """One row per network of every ``gpu_memory.py`` run found in ``out``."""
-    lines = [
-        "| run | network | baseline MiB | RCH MiB | ratio | RCH's peak at |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, label in MEMORY_RUNS:
-        data = _load(out / name)
-        if data is None:
-            lines.append(f"| {label} | (no `{name}`: see its log) | | | | |")
-            continue
-        for network, res in data["networks"].items():
-            base = res["baseline"]["max_memory_allocated_mib"]
-            rch = res["rch"]["max_memory_allocated_mib"]
-            lines.append(
-                f"| {label} | {network} | {base:.0f} | {rch:.0f} | {mark(rch / base)} | "
-                f"{res['rch']['peak_label']} |"
-            )
-    return lines
+    header = "| run | network | baseline MiB | RCH MiB | ratio | RCH's peak at |"
+    return _runs_table(out, MEMORY_RUNS, header, "networks", _memory_cells)
 
 
 def step_ops_table(out: Path) -> list[str]:
