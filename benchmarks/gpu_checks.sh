@@ -6,15 +6,17 @@
 # live at the step's memory peak (gpu_memory.py; for DeepLabV3 also with small cuBLAS
 # workspaces, and with RCH's products as convolutions) and the kernels a step launches, with
 # their GPU time. It ends by printing one page of the numbers to read first
-# (gpu_summary.py: the ratios against the 3 % target). Most important first: a lent machine's time may end before the last step. 5.5 minutes on an
-# H200 (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory
-# 18 s, loss_cost 22 s, the AMP run 19 s), measured before the small-workspace step was
+# (gpu_summary.py: the ratios against the 3 % target). Most important first: a lent
+# machine's time may end before the last step (BUDGET below). 5.5 minutes on an H200
+# (2026-11-27: 329 s, of which train_cost 119 + 112 s, the CUDA tests 32 s, gpu_memory 18 s,
+# loss_cost 22 s, the AMP run 19 s), measured before the small-workspace step was
 # added (about 20 s more, estimated from gpu_memory's 18 s) and before train_cost went from
 # 20 to 40 repetitions (2026-11-28: about 13 s more per run, at 0.64 s per repetition of the
 # three networks' two steps), the two --conv-products steps and step_ops (2026-11-28, not
 # yet timed; about 2 minutes together, limited to 250 s), and last the checks read at once
-# (60 s at most). The step logs and the smaller
-# memory reports end up in OUT/logs.tar.gz (a lent machine returns at most 8 files).
+# (60 s at most): about 9 minutes in all, which BUDGET caps. The step logs, the smaller
+# memory reports and the summary end up in OUT/logs.tar.gz (a lent machine returns at most
+# 8 files).
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; PYTHON=python3 by default)
 # Needs torch, torchvision, timm, hypothesis, pytest and segmentation-models-pytorch (SegFormer).
 # A lent GPU machine (no network) had all of them but segmentation-models-pytorch: fetch its
