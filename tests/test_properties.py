@@ -157,3 +157,43 @@ def test_gpu_path_gives_the_cpu_paths_loss_and_gradients(
         got = run()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+CORRUPTIONS = ("labels", "seg_logits", "prototypes", "embeddings")
+"""The inputs a value check looks at, in the order the immediate checks run them."""
+
+
+@SETTINGS
+@given(
+    spec=cases,
+    bad=st.sets(st.sampled_from(CORRUPTIONS)),
+    value=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    formulation=st.sampled_from(["paper", "official"]),
+)
+def test_deferred_checks_find_what_the_immediate_checks_find(spec, bad, value, formulation):
+    """Whatever inputs are corrupted, the deferred checks fail exactly when the immediate
+    ones raise, they name every corrupted input, and the first they name is the one the
+    immediate checks raise for; a passing step gives the immediate step's loss."""
+    c = make_case(**spec)
+    args = {
+        "embeddings": c.embeddings.detach().clone(),
+        "seg_logits": c.seg_logits.clone(),
+        "labels": c.labels.clone(),
+        "prototypes": c.prototypes.clone(),
+    }
+    for name in bad:
+        if name == "labels":
+            args[name].view(-1)[-1] = spec["classes"] + 3  # neither a class nor ignored
+        else:
+            args[name].view(-1)[0] = value
+    deferred = rch_loss(**args, formulation=formulation, validate="deferred")
+    assert deferred.checks is not None
+    named = [failure.split(" ")[0] for failure in deferred.checks.failures()]
+    assert set(named) == bad
+    if not bad:
+        want = rch_loss(**args, formulation=formulation)
+        torch.testing.assert_close(deferred.loss, want.loss, rtol=0, atol=0)
+        return
+    with pytest.raises(ValueError) as immediate:
+        rch_loss(**args, formulation=formulation)
+    assert str(immediate.value).startswith(named[0])
