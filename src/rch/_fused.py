@@ -504,7 +504,7 @@ class _PaperLoss(torch.autograd.Function):
         for part in blocks.slices:
             n = part.stop - part.start
             if classes is not None:  # the embeddings' gradient through the cosines, as a bag
-                d_units[part] = _bag_prototypes(proto_units, d_cos[part], *classes)
+                _bag_prototypes(proto_units, d_cos[part], *classes, out=d_units[part])
             extra = None if centre_dots is None else centre_dots[part]
             rows_factors = (factors[0][part], factors[1][part])
             du = _unit_backward_(d_units[part], units[part], rows_factors, extra)
@@ -548,19 +548,17 @@ class _PaperLoss(torch.autograd.Function):
         return d_embeddings, (d_prototypes if need_protos else None), None
 
 
-def _bag_prototypes(proto_units: Tensor, d_cos: Tensor, classes: Tensor, offsets: Tensor) -> Tensor:
-    """``d_cos @ proto_units`` without BLAS: per row, the K prototype rows weighted by that
-    row's ``d cos`` (an ``embedding_bag``), in sub-blocks of as many rows as ``classes``
-    (``(rows, K)``, each row ``0 ... K-1``; see :data:`BAG_INDEX_BYTES`) has; ``offsets``:
-    :func:`_offsets` for them."""
+def _bag_prototypes(
+    proto_units: Tensor, d_cos: Tensor, classes: Tensor, offsets: Tensor, out: Tensor
+) -> None:
+    """``out = d_cos @ proto_units`` without BLAS: per row, the K prototype rows weighted by
+    that row's ``d cos`` (an ``embedding_bag``), in sub-blocks of as many rows as ``classes``
+    (``(rows, K)``, each row ``0 ... K-1``; see :data:`BAG_INDEX_BYTES`) has, each written
+    into its rows of ``out``; ``offsets``: :func:`_offsets` for them."""
     n, rows = d_cos.shape[0], classes.shape[0]
-    if n <= rows:
-        return _bag(proto_units, classes[:n], d_cos, offsets)
-    out = d_cos.new_empty(n, proto_units.shape[1])
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         out[start:stop] = _bag(proto_units, classes[: stop - start], d_cos[start:stop], offsets)
-    return out
 
 
 def fused_paper_loss(
