@@ -61,7 +61,9 @@ def _load(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _same_inference(inference: dict[str, Any]) -> bool:
+def same_inference(inference: dict[str, Any]) -> bool:
+    """Whether ``train_cost.py``'s inference check (its ``inference`` entry) found the exported
+    RCH model equal to the baseline: parameters, FLOPs, outputs and state-dict keys."""
     return bool(
         inference.get("params_exported") == inference.get("params_baseline")
         and inference.get("flops_exported") == inference.get("flops_baseline")
@@ -96,7 +98,7 @@ def _cost_cells(res: dict[str, Any]) -> str:
     q1, _, q3 = res["paired_ratio_quartiles"]
     syncs = res.get("syncs_per_step", {})
     sync_text = f"{syncs['baseline']}/{syncs['rch']}" if syncs else "-"
-    same = "identical" if _same_inference(res.get("inference", {})) else "DIFFERENT"
+    same = "identical" if same_inference(res.get("inference", {})) else "DIFFERENT"
     return (
         f"{mark(res['time_ratio'])} | {q1:.3f}-{q3:.3f} | {mark(res['memory_ratio'])} | "
         f"{sync_text} | {same}"

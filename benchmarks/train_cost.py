@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CONV_PRODUCTS_HELP, run_meta, use_conv_products, write_results
+from gpu_summary import same_inference
 from loss_cost import _kib
 from rch import export
 from rch.models import split_outputs
@@ -315,12 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             without = f"{ratio:.3f}"
         res["inference"] = inf = inference_check(name, args)
         results[name] = res
-        same = (
-            inf["params_exported"] == inf["params_baseline"]
-            and inf["flops_exported"] == inf["flops_baseline"]
-            and inf["outputs_bitwise_equal_to_attached"]
-            and inf["state_dict_keys_equal"]
-        )
+        same = same_inference(inf)
         print(
             f"{name:<20} {res['time_s']['baseline']:10.3f} {res['time_s']['rch']:10.3f} "
             f"{res['time_ratio']:7.3f} {f'{q1:.3f}-{q3:.3f}':>13} "
