@@ -5,7 +5,9 @@ RCH_TEST_DEVICE (default "cpu") selects where tensors are made, e.g. "cuda" on a
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -72,6 +74,18 @@ def make_case(
 @pytest.fixture
 def case() -> Case:
     return make_case()
+
+
+@contextlib.contextmanager
+def cuda_syncs_raise() -> Iterator[None]:
+    """On CUDA, any host synchronisation inside the block raises
+    (``torch.cuda.set_sync_debug_mode("error")``): the real check that the tests' host-read
+    spies stand in for on the CPU."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def use_gpu_path(monkeypatch: pytest.MonkeyPatch, *, tiny_blocks: bool = False) -> None:

@@ -11,7 +11,7 @@ from rch import _fused
 from rch.functional import rch_loss
 
 from ._reference import naive_official, naive_paper
-from .conftest import DEVICE, make_case, use_gpu_path
+from .conftest import DEVICE, cuda_syncs_raise, make_case, use_gpu_path
 
 TOL = {"rtol": 1e-9, "atol": 1e-10}
 
@@ -427,16 +427,13 @@ def test_a_step_without_validation_reads_nothing_back(monkeypatch, masked, formu
     for name in ("tp_count", "fn_count", "fp_count"):
         assert torch.equal(getattr(out, name), getattr(want, name))
     if DEVICE.type == "cuda":  # the real thing: CUDA itself reports any synchronisation
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_syncs_raise():
             for update in (True, False):  # without the EMA step too (learned prototypes)
                 out = rch_loss(
                     c.embeddings, c.seg_logits, c.labels, c.prototypes, loss_mask=mask,
                     validate=False, formulation=formulation, update_prototypes=update,
                 )  # fmt: skip
                 (out.loss + out.prototypes.sum()).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
 
 class _AtenOps(TorchDispatchMode):
@@ -652,12 +649,9 @@ def test_deferred_checks_read_nothing_back_and_change_no_result(monkeypatch, for
     torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
     assert torch.equal(out.updated, want.updated) and torch.equal(out.tp_count, want.tp_count)
     if DEVICE.type == "cuda":  # CUDA itself reports any synchronisation, the flags' copy too
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_syncs_raise():
             out = rch_loss(*args, momentum=momentum, formulation=formulation, validate="deferred")
             (out.loss + out.prototypes.sum()).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         out.checks.raise_if_failed()  # waits for the flags' copy only
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from rch.train import ohem_keep, poly_lr, seg_cross_entropy
 
-from ..conftest import DEVICE
+from ..conftest import DEVICE, cuda_syncs_raise
 
 
 def naive_ohem(logits, labels, thresh, min_kept, ignore):
@@ -75,11 +75,8 @@ def test_ohem_reads_nothing_back():
     assert spy.reads == []
     assert torch.equal(keep, naive_ohem(logits, labels, 0.7, 20, 255))
     if DEVICE.type == "cuda":  # the real thing: CUDA itself reports any synchronisation
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with cuda_syncs_raise():
             keep = ohem_keep(logits.to(DEVICE), labels.to(DEVICE), 0.7, 20, 255)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(keep.cpu(), naive_ohem(logits, labels, 0.7, 20, 255))
 
 
