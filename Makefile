@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck bench browser clean
+.PHONY: demo test lint typecheck bench browser compat clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,17 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/loss_cost.py
 
+# The whole suite under another torch, by default the lent GPU machine's (2.11.0, with
+# torchvision 0.26.0), before spending its time: both wheels are installed once into
+# .compat/TORCH (from PyPI, without their dependencies) and put ahead of .venv's on the
+# path. The CUDA libraries stay .venv's, so TORCH must be a build for the same CUDA major.
+TORCH ?= 2.11.0
+TORCHVISION ?= 0.26.0
+compat: $(STAMP)
+	@test -d .compat/$(TORCH)/torch || $(PY) -m pip install --quiet --no-deps --no-compile \
+	  --target .compat/$(TORCH) torch==$(TORCH) torchvision==$(TORCHVISION)
+	PYTHONPATH=.compat/$(TORCH) $(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	PYTHONPATH=.compat/$(TORCH) $(PY) -m pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .compat runs

@@ -23,6 +23,8 @@
 # wheel here first (`pip download --no-deps -d .whl 'segmentation-models-pytorch>=0.6,<0.7'`),
 # carry `.whl` along (git-ignored), and there run `pip install --no-index --no-deps --target
 # /tmp/site .whl/*.whl` with PYTHONPATH=/tmp/site before this script.
+# That machine's own torch runs the code (2.11.0 in 2026-11): `make compat` runs the whole
+# suite here under it first (on the CPU), so that a version difference costs no GPU time.
 # BUDGET (seconds, default 540): the whole script's time; a step gets at most what is left of
 # it less 10 s, and is skipped with under 15 s left, so that the archive step always runs (a
 # lent machine's command limit would otherwise kill the script before it, and the logs with
