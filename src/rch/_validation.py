@@ -34,6 +34,13 @@ class PendingCheck(NamedTuple):
     """What a failed flag says without looking closer, e.g. ``"seg_logits hold NaN or Inf"``."""
 
 
+def _stacked_flags(checks: Sequence[PendingCheck]) -> Tensor:
+    """The checks' flags as one ``(n,)`` bool tensor on the first flag's device: one read
+    (or one copy) for all of them."""
+    device = checks[0].flag.device
+    return torch.stack([check.flag.to(device) for check in checks])
+
+
 class DeferredChecks:
     """Value checks whose flags are left on their way to the host, read later without a wait.
 
@@ -61,9 +68,9 @@ class DeferredChecks:
     def __init__(self, checks: Sequence[PendingCheck]) -> None:
         if not checks:
             raise ValueError("DeferredChecks needs at least one check.")
-        device = checks[0].flag.device
         with torch.no_grad():
-            flags = torch.stack([check.flag.to(device) for check in checks])
+            flags = _stacked_flags(checks)
+            device = flags.device
             self.ok: Tensor = flags.all()
             """0-dim bool tensor on the checks' device: true when every check passes."""
         self._summaries = [check.summary for check in checks]
@@ -221,8 +228,7 @@ def run_checks(checks: Sequence[PendingCheck]) -> None:
     """
     if not checks:
         return
-    device = checks[0].flag.device
-    if bool(torch.stack([check.flag.to(device) for check in checks]).all()):
+    if bool(_stacked_flags(checks).all()):
         return
     for check in checks:
         check.full()
